@@ -1,0 +1,467 @@
+//! The YAML contract as plain serde types. These are the *external* schema: every
+//! struct denies unknown keys so a typo is an error, and nothing here is used on the
+//! request path. `snapshot::compile` turns a validated `Config` into the internal
+//! model the proxy runs on, so the file format can stay stable while internals move.
+
+use super::units::{Dur, Size};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+    #[serde(default)]
+    pub registry: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub orchestrator: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub redis: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub kubernetes: Option<serde_yaml::Value>,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub bind: String,
+    #[serde(default)]
+    pub tls: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub http2: bool,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    #[serde(default = "default_admin_bind")]
+    pub bind: String,
+    /// Name of the environment variable holding the bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+fn default_admin_bind() -> String {
+    "127.0.0.1:9901".into()
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            bind: default_admin_bind(),
+            token_env: None,
+        }
+    }
+}
+
+/// Process-level settings (read at start; a reload does not change them).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Worker threads per listener service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long in-flight requests get to finish after SIGTERM.
+    #[serde(default = "default_grace")]
+    pub grace_period: Dur,
+    /// How long `/readyz` answers 503 before listeners close, so load balancers notice.
+    #[serde(default)]
+    pub drain_delay: Dur,
+    /// Largest request header block accepted (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Size,
+    /// Most request headers accepted (431 beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Idle keep-alive timeout for client connections.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_timeout: Dur,
+    /// Debounce for the config file watcher.
+    #[serde(default = "default_debounce")]
+    pub watch_debounce: Dur,
+}
+
+fn default_threads() -> usize {
+    1
+}
+fn default_grace() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_max_header_bytes() -> Size {
+    Size(64 * 1024)
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_keepalive() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+fn default_debounce() -> Dur {
+    Dur(std::time::Duration::from_millis(100))
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            threads: default_threads(),
+            grace_period: default_grace(),
+            drain_delay: Dur::default(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            keepalive_timeout: default_keepalive(),
+            watch_debounce: default_debounce(),
+        }
+    }
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// `stdout`, `stderr`, `off`, or a file path.
+    #[serde(default = "default_log_path")]
+    pub path: String,
+}
+
+fn default_log_path() -> String {
+    "stdout".into()
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            path: default_log_path(),
+        }
+    }
+}
+
+/// An upstream: a named set of endpoints with a balancing policy.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub discovery: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub passive_health: Option<PassiveHealth>,
+    #[serde(default)]
+    pub circuit_breaker: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Host header sent to this upstream instead of the client's.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub tls: Option<serde_yaml::Value>,
+}
+
+/// An endpoint: `"host:port"` or `{ address, weight }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    Plain(String),
+    Weighted(WeightedEndpoint),
+}
+
+/// The long form of an endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedEndpoint {
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl EndpointSpec {
+    /// The `host:port` string.
+    pub fn address(&self) -> &str {
+        match self {
+            EndpointSpec::Plain(a) => a,
+            EndpointSpec::Weighted(w) => &w.address,
+        }
+    }
+    /// The weight (1 for the short form).
+    pub fn weight(&self) -> u32 {
+        match self {
+            EndpointSpec::Plain(_) => 1,
+            EndpointSpec::Weighted(w) => w.weight,
+        }
+    }
+}
+
+/// Balancing policies.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Weighted,
+    LeastRequest,
+    ConsistentHash,
+    Random,
+}
+
+impl Balance {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::LeastRequest => "least_request",
+            Balance::ConsistentHash => "consistent_hash",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// Active HTTP health checks.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    #[serde(default = "default_hc_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_two")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_three")]
+    pub unhealthy_threshold: u32,
+    /// Host header for the probe (defaults to the endpoint address).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+fn default_hc_path() -> String {
+    "/healthz".into()
+}
+fn default_hc_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
+}
+fn default_hc_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn default_two() -> u32 {
+    2
+}
+fn default_three() -> u32 {
+    3
+}
+
+/// Passive ejection after consecutive connect failures.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealth {
+    #[serde(default = "default_three")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_eject")]
+    pub eject_for: Dur,
+}
+
+fn default_eject() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            consecutive_failures: 3,
+            eject_for: default_eject(),
+        }
+    }
+}
+
+/// Per-upstream timeouts (routes may override `read`/`total` through `timeout`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default)]
+    pub connect: Option<Dur>,
+    #[serde(default)]
+    pub read: Option<Dur>,
+    #[serde(default)]
+    pub write: Option<Dur>,
+    #[serde(default)]
+    pub total: Option<Dur>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matcher: Match,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub split: Option<Vec<SplitEntry>>,
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+    #[serde(default)]
+    pub respond: Option<Respond>,
+    #[serde(default, rename = "static")]
+    pub static_files: Option<StaticFiles>,
+    #[serde(default)]
+    pub aggregate: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub strip_prefix: Option<StripPrefix>,
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub retries: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub headers: Option<HeaderRules>,
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+}
+
+/// The conditions of a route; all given ones must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+}
+
+/// One arm of a weighted split.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitEntry {
+    pub upstream: String,
+    pub weight: u32,
+}
+
+/// A redirect answered by the gateway.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub to: String,
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+    /// Append the original query string to `to` (default true).
+    #[serde(default = "yes")]
+    pub keep_query: bool,
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+fn yes() -> bool {
+    true
+}
+
+/// A fixed response answered by the gateway.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Respond {
+    #[serde(default = "default_respond_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_respond_status() -> u16 {
+    200
+}
+
+/// Files served from a folder.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticFiles {
+    pub dir: String,
+    #[serde(default = "default_index")]
+    pub index: String,
+}
+
+fn default_index() -> String {
+    "index.html".into()
+}
+
+/// `strip_prefix: true` strips the route's `path_prefix`; a string strips that prefix.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StripPrefix {
+    Flag(bool),
+    Prefix(String),
+}
+
+/// Regex rewrite of the path sent upstream.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    pub path_regex: String,
+    pub replacement: String,
+}
+
+/// Request and response header edits.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    #[serde(default)]
+    pub request: HeaderEdit,
+    #[serde(default)]
+    pub response: HeaderEdit,
+}
+
+/// `set` replaces or adds; `remove` deletes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdit {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A plugin entry: a one-key map `NAME: settings`, checked by the plugin registry.
+pub type PluginEntry = serde_yaml::Value;

@@ -1,0 +1,457 @@
+//! Whole-file validation after parsing: references between sections, regexes, CIDRs,
+//! addresses, exclusive choices. Each check names the path it is about so the error
+//! lands on the right line; nothing here stops at the first problem.
+
+use super::load::Errors;
+use super::model::{Balance, Config, Route, StripPrefix};
+use std::collections::{BTreeSet, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+
+/// Checks `cfg`; `known_upstreams` includes upstreams that failed to parse (so their
+/// names do not also show up as dangling references).
+pub fn validate(
+    cfg: &Config,
+    known_upstreams: &BTreeSet<String>,
+    _parsed_cleanly: bool,
+    errs: &mut Errors,
+) {
+    let mut names = HashSet::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        if !names.insert(l.name.clone()) {
+            errs.at(
+                &format!("{p}.name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        if l.bind.parse::<SocketAddr>().is_err() {
+            errs.at(
+                &format!("{p}.bind"),
+                format!("invalid bind address `{}` (expected IP:PORT)", l.bind),
+            );
+        }
+        if l.tls.is_some() {
+            errs.at(
+                &format!("{p}.tls"),
+                "TLS listeners are not supported by this build yet",
+            );
+        }
+    }
+    if cfg.admin.bind.parse::<SocketAddr>().is_err() {
+        errs.at(
+            "admin.bind",
+            format!(
+                "invalid bind address `{}` (expected IP:PORT)",
+                cfg.admin.bind
+            ),
+        );
+    } else if let Ok(a) = cfg.admin.bind.parse::<SocketAddr>() {
+        if !a.ip().is_loopback() && cfg.admin.token_env.is_none() {
+            errs.at(
+                "admin.bind",
+                "an admin listener on a non-loopback address needs `token_env` (a bearer token)",
+            );
+        }
+    }
+    if let Some(var) = &cfg.admin.token_env {
+        if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
+            errs.at(
+                "admin.token_env",
+                format!("environment variable `{var}` is not set or empty"),
+            );
+        }
+    }
+    if cfg.server.threads == 0 {
+        errs.at("server.threads", "threads must be at least 1");
+    }
+    for (i, c) in cfg.trusted_proxies.iter().enumerate() {
+        if parse_cidr(c).is_none() {
+            errs.at(
+                &format!("trusted_proxies[{i}]"),
+                format!("invalid CIDR `{c}`"),
+            );
+        }
+    }
+    for (name, u) in &cfg.upstreams {
+        let p = format!("upstreams.{name}");
+        if u.endpoints.is_empty() && u.discovery.is_none() {
+            errs.at(&p, format!("upstream `{name}` has no `endpoints`"));
+        }
+        if u.discovery.is_some() {
+            errs.at(
+                &format!("{p}.discovery"),
+                "registry discovery is not supported by this build yet",
+            );
+        }
+        for (j, e) in u.endpoints.iter().enumerate() {
+            let ep = format!("{p}.endpoints[{j}]");
+            if resolve(e.address()).is_none() {
+                errs.at(
+                    &ep,
+                    format!("invalid endpoint `{}` (expected host:port)", e.address()),
+                );
+            }
+            if e.weight() == 0 {
+                errs.at(&ep, "endpoint weight must be at least 1");
+            }
+        }
+        match (&u.hash_on, u.balance) {
+            (Some(h), _) => {
+                if !valid_hash_on(h) {
+                    errs.at(
+                        &format!("{p}.hash_on"),
+                        format!(
+                            "invalid hash_on `{h}` (header:NAME, cookie:NAME, client_ip, path or query:NAME)"
+                        ),
+                    );
+                } else if u.balance != Balance::ConsistentHash {
+                    errs.at(
+                        &format!("{p}.hash_on"),
+                        "hash_on needs `balance: consistent_hash`",
+                    );
+                }
+            }
+            (None, _) => {}
+        }
+        if let Some(hc) = &u.health_check {
+            let hp = format!("{p}.health_check");
+            if !hc.path.starts_with('/') {
+                errs.at(&format!("{hp}.path"), "health check path must start with /");
+            }
+            if hc.interval.0.is_zero() {
+                errs.at(&format!("{hp}.interval"), "interval must be above zero");
+            }
+            if hc.timeout.0.is_zero() {
+                errs.at(&format!("{hp}.timeout"), "timeout must be above zero");
+            }
+            if hc.healthy_threshold == 0 {
+                errs.at(&format!("{hp}.healthy_threshold"), "must be at least 1");
+            }
+            if hc.unhealthy_threshold == 0 {
+                errs.at(&format!("{hp}.unhealthy_threshold"), "must be at least 1");
+            }
+        }
+        if u.protocol.as_deref().is_some_and(|p| p != "http1") {
+            errs.at(
+                &format!("{p}.protocol"),
+                "only `http1` upstreams are supported by this build yet",
+            );
+        }
+        if u.tls.is_some() {
+            errs.at(
+                &format!("{p}.tls"),
+                "upstream TLS is not supported by this build yet",
+            );
+        }
+        if u.circuit_breaker.is_some() {
+            errs.at(
+                &format!("{p}.circuit_breaker"),
+                "circuit breakers are not supported by this build yet",
+            );
+        }
+        if let Some(h) = &u.host {
+            if http::HeaderValue::from_str(h).is_err() {
+                errs.at(&format!("{p}.host"), "invalid Host header value");
+            }
+        }
+    }
+    let mut route_names = HashSet::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if r.name.is_empty() {
+            errs.at(&format!("{p}.name"), "route name must not be empty");
+        } else if !route_names.insert(r.name.clone()) {
+            errs.at(
+                &format!("{p}.name"),
+                format!("duplicate route name `{}`", r.name),
+            );
+        }
+        validate_route(r, &p, cfg, known_upstreams, errs);
+    }
+    for (i, e) in cfg.plugins.iter().enumerate() {
+        validate_plugin(e, &format!("plugins[{i}]"), errs);
+    }
+    for key in ["registry", "orchestrator", "redis", "kubernetes"] {
+        let present = match key {
+            "registry" => cfg.registry.is_some(),
+            "orchestrator" => cfg.orchestrator.is_some(),
+            "redis" => cfg.redis.is_some(),
+            _ => cfg.kubernetes.is_some(),
+        };
+        if present {
+            errs.at(key, format!("`{key}` is not supported by this build yet"));
+        }
+    }
+}
+
+fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, errs: &mut Errors) {
+    let m = &r.matcher;
+    let mp = format!("{p}.match");
+    let paths = [
+        m.path.is_some(),
+        m.path_prefix.is_some(),
+        m.path_regex.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if paths > 1 {
+        errs.at(
+            &mp,
+            "use only one of `path`, `path_prefix` and `path_regex` in a route",
+        );
+    }
+    for (field, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(v) = v {
+            if !v.starts_with('/') {
+                errs.at(
+                    &format!("{mp}.{field}"),
+                    format!("`{field}` must start with /"),
+                );
+            }
+        }
+    }
+    if let Some(path) = &m.path {
+        for seg in path.split('/') {
+            if seg.contains('{') || seg.contains('}') {
+                let ok = seg.len() > 2
+                    && seg.starts_with('{')
+                    && seg.ends_with('}')
+                    && seg[1..seg.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok {
+                    errs.at(
+                        &format!("{mp}.path"),
+                        format!("invalid parameter segment `{seg}` (write `{{name}}` as a whole segment)"),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(re) = &m.path_regex {
+        if let Err(e) = regex::Regex::new(&format!("^(?:{re})$")) {
+            errs.at(
+                &format!("{mp}.path_regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+        }
+    }
+    for (j, h) in m.hosts.iter().enumerate() {
+        let bad = h.is_empty()
+            || h.contains('/')
+            || h.contains(' ')
+            || (h.contains('*') && !(h.starts_with("*.") && !h[2..].contains('*') && h.len() > 2));
+        if bad {
+            errs.at(
+                &format!("{mp}.hosts[{j}]"),
+                format!("invalid host `{h}` (a name, or `*.suffix`)"),
+            );
+        }
+    }
+    for (j, meth) in m.methods.iter().enumerate() {
+        if http::Method::from_bytes(meth.as_bytes()).is_err()
+            || meth.chars().any(|c| c.is_ascii_lowercase())
+        {
+            errs.at(
+                &format!("{mp}.methods[{j}]"),
+                format!("invalid method `{meth}` (use upper case, e.g. GET)"),
+            );
+        }
+    }
+    for (name, v) in &m.headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errs.at_key(
+                &format!("{mp}.headers.{name}"),
+                format!("invalid header name `{name}`"),
+            );
+        }
+        if let Some(re) = v.strip_prefix('~') {
+            if let Err(e) = regex::Regex::new(re) {
+                errs.at(
+                    &format!("{mp}.headers.{name}"),
+                    format!("invalid regex: {}", one_line(&e.to_string())),
+                );
+            }
+        }
+    }
+    // exactly one action
+    let actions: Vec<&str> = [
+        ("upstream", r.upstream.is_some()),
+        ("split", r.split.is_some()),
+        ("redirect", r.redirect.is_some()),
+        ("respond", r.respond.is_some()),
+        ("static", r.static_files.is_some()),
+        ("aggregate", r.aggregate.is_some()),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(n, _)| *n)
+    .collect();
+    if actions.len() != 1 {
+        errs.at(
+            p,
+            format!(
+                "route `{}` needs exactly one action of upstream, split, aggregate, redirect, respond, static (found {})",
+                r.name,
+                if actions.is_empty() { "none".to_string() } else { actions.join(", ") }
+            ),
+        );
+    }
+    let exists = |u: &str| cfg.upstreams.contains_key(u) || known.contains(u);
+    if let Some(u) = &r.upstream {
+        if !exists(u) {
+            errs.at(&format!("{p}.upstream"), format!("unknown upstream `{u}`"));
+        }
+    }
+    if let Some(split) = &r.split {
+        if split.is_empty() || split.iter().all(|s| s.weight == 0) {
+            errs.at(
+                &format!("{p}.split"),
+                "a split needs at least one arm with weight above 0",
+            );
+        }
+        for (j, s) in split.iter().enumerate() {
+            if !exists(&s.upstream) {
+                errs.at(
+                    &format!("{p}.split[{j}].upstream"),
+                    format!("unknown upstream `{}`", s.upstream),
+                );
+            }
+        }
+    }
+    if let Some(rd) = &r.redirect {
+        if ![301, 302, 303, 307, 308].contains(&rd.status) {
+            errs.at(
+                &format!("{p}.redirect.status"),
+                format!(
+                    "redirect status {} is not one of 301, 302, 303, 307, 308",
+                    rd.status
+                ),
+            );
+        }
+        if http::HeaderValue::from_str(&rd.to).is_err() || rd.to.is_empty() {
+            errs.at(&format!("{p}.redirect.to"), "invalid redirect target");
+        }
+    }
+    if let Some(rs) = &r.respond {
+        if !(100..=599).contains(&rs.status) {
+            errs.at(
+                &format!("{p}.respond.status"),
+                format!("invalid status {}", rs.status),
+            );
+        }
+        check_header_map(&rs.headers, &format!("{p}.respond.headers"), errs);
+    }
+    if let Some(st) = &r.static_files {
+        if !std::path::Path::new(&st.dir).is_dir() {
+            errs.at(
+                &format!("{p}.static.dir"),
+                format!("`{}` is not a readable folder", st.dir),
+            );
+        }
+    }
+    if r.aggregate.is_some() {
+        errs.at(
+            &format!("{p}.aggregate"),
+            "`aggregate` is not supported by this build yet",
+        );
+    }
+    if r.retries.is_some() {
+        errs.at(
+            &format!("{p}.retries"),
+            "`retries` is not supported by this build yet",
+        );
+    }
+    match &r.strip_prefix {
+        Some(StripPrefix::Flag(true)) if m.path_prefix.is_none() => errs.at(
+            &format!("{p}.strip_prefix"),
+            "`strip_prefix: true` needs a `path_prefix` matcher (or give the prefix to strip)",
+        ),
+        Some(StripPrefix::Prefix(s)) if !s.starts_with('/') => {
+            errs.at(&format!("{p}.strip_prefix"), "the prefix must start with /")
+        }
+        _ => {}
+    }
+    if let Some(rw) = &r.rewrite {
+        if let Err(e) = regex::Regex::new(&rw.path_regex) {
+            errs.at(
+                &format!("{p}.rewrite.path_regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+        }
+    }
+    if let Some(h) = &r.headers {
+        for (side, edit) in [("request", &h.request), ("response", &h.response)] {
+            check_header_map(&edit.set, &format!("{p}.headers.{side}.set"), errs);
+            for (j, n) in edit.remove.iter().enumerate() {
+                if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                    errs.at(
+                        &format!("{p}.headers.{side}.remove[{j}]"),
+                        format!("invalid header name `{n}`"),
+                    );
+                }
+            }
+        }
+    }
+    for (j, e) in r.plugins.iter().enumerate() {
+        validate_plugin(e, &format!("{p}.plugins[{j}]"), errs);
+    }
+}
+
+fn check_header_map(m: &std::collections::BTreeMap<String, String>, p: &str, errs: &mut Errors) {
+    for (k, v) in m {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            errs.at_key(&format!("{p}.{k}"), format!("invalid header name `{k}`"));
+        } else if http::HeaderValue::from_str(v).is_err() {
+            errs.at(
+                &format!("{p}.{k}"),
+                format!("invalid value for header `{k}`"),
+            );
+        }
+    }
+}
+
+fn validate_plugin(entry: &serde_yaml::Value, p: &str, errs: &mut Errors) {
+    match portico_plugins::Registry::builtin().validate(entry) {
+        Ok(()) => {}
+        Err(portico_plugins::EntryError::Shape(m)) => errs.at(p, m),
+        Err(portico_plugins::EntryError::Settings { plugin, message }) => {
+            errs.at(&format!("{p}.{plugin}"), message)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses `10.0.0.0/8`, `::1/128` or a plain address (as a single-host network).
+pub fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// Resolves `host:port` once (at compile time).
+pub fn resolve(addr: &str) -> Option<SocketAddr> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    if !addr.contains(':') {
+        return None;
+    }
+    addr.to_socket_addrs().ok()?.next()
+}
+
+fn valid_hash_on(h: &str) -> bool {
+    match h.split_once(':') {
+        Some(("header", n)) | Some(("cookie", n)) | Some(("query", n)) => !n.is_empty(),
+        None => matches!(h, "client_ip" | "path"),
+        _ => false,
+    }
+}

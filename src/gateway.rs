@@ -1,0 +1,186 @@
+//! The gateway's shared state: the current snapshot behind an `ArcSwap`, the metrics,
+//! the config file it came from, and the load/reload path every change goes through
+//! (start-up, file watcher, SIGHUP, `POST /reload`): load, validate, compile against
+//! the previous snapshot, swap. A failed load leaves the running snapshot in place.
+
+use crate::accesslog::AccessLog;
+use crate::config::{self, Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::snapshot::{self, Snapshot};
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The outcome of the last failed reload, for `GET /config`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadError {
+    pub at: String,
+    pub errors: Vec<String>,
+}
+
+/// Shared by the proxy, the admin API and the background tasks.
+pub struct Gateway {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub config_path: PathBuf,
+    pub loaded_at: Mutex<String>,
+    pub last_error: Mutex<Option<ReloadError>>,
+    /// Set at SIGTERM: `/readyz` answers 503 and new connections are not kept alive.
+    pub draining: AtomicBool,
+    pub ready: AtomicBool,
+    /// Hash of the file text last applied (the watcher skips identical rewrites).
+    last_text_hash: AtomicU64,
+    reload_lock: Mutex<()>,
+    /// Runs health checks and other background work.
+    pub bg: tokio::runtime::Handle,
+    pub access_log: AccessLog,
+}
+
+/// RFC 3339 UTC time of now.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (y, mo, d) = civil_from_days((secs / 86400) as i64);
+    let s = secs % 86400;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        (s / 60) % 60,
+        s % 60,
+        now.subsec_millis()
+    )
+}
+
+/// Howard Hinnant's days-to-civil conversion.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn text_hash(t: &str) -> u64 {
+    crate::upstream::balance::hash64(t.as_bytes())
+}
+
+impl Gateway {
+    /// Creates the gateway state around an already loaded config.
+    pub fn new(
+        cfg: Config,
+        text: &str,
+        config_path: PathBuf,
+        bg: tokio::runtime::Handle,
+        access_log: AccessLog,
+    ) -> Result<Arc<Gateway>, String> {
+        let metrics = Arc::new(Metrics::new());
+        let snap = snapshot::compile(&cfg, None, Some(&bg), &metrics, 1)?;
+        metrics.config_version.set(1);
+        metrics.reloads.with_label_values(&["ok"]).inc();
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snap),
+            metrics,
+            config_path,
+            loaded_at: Mutex::new(now_rfc3339()),
+            last_error: Mutex::new(None),
+            draining: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            last_text_hash: AtomicU64::new(text_hash(text)),
+            reload_lock: Mutex::new(()),
+            bg,
+            access_log,
+        }))
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Reloads the config file. `force: false` skips a file whose text did not change.
+    /// Returns the new version, or every error (the running config stays).
+    pub fn reload(&self, force: bool, why: &str) -> Result<u64, Vec<String>> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let name = self.config_path.display().to_string();
+        let result = std::fs::read_to_string(&self.config_path)
+            .map_err(|e| {
+                vec![ConfigError {
+                    file: name.clone(),
+                    line: 1,
+                    col: 1,
+                    message: format!("cannot read the config file: {e}"),
+                }]
+            })
+            .and_then(|text| {
+                if !force && text_hash(&text) == self.last_text_hash.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                config::load_str(&name, &text).map(|(c, _)| Some((c, text)))
+            });
+        let errors: Vec<String> = match result {
+            Ok(None) => return Ok(self.current().version),
+            Ok(Some((cfg, text))) => {
+                let prev = self.current();
+                let version = prev.version + 1;
+                match snapshot::compile(&cfg, Some(&prev), Some(&self.bg), &self.metrics, version) {
+                    Ok(snap) => {
+                        warn_static_changes(&prev.config, &cfg);
+                        self.snapshot.store(Arc::new(snap));
+                        self.last_text_hash
+                            .store(text_hash(&text), Ordering::Relaxed);
+                        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = now_rfc3339();
+                        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        self.metrics.reloads.with_label_values(&["ok"]).inc();
+                        self.metrics.config_version.set(version as i64);
+                        log::info!("config reloaded ({why}): version {version}");
+                        return Ok(version);
+                    }
+                    Err(e) => vec![format!("{name}: {e}")],
+                }
+            }
+            Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
+        };
+        self.metrics.reloads.with_label_values(&["error"]).inc();
+        for e in &errors {
+            log::error!("config reload ({why}) refused: {e}");
+        }
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(ReloadError {
+            at: now_rfc3339(),
+            errors: errors.clone(),
+        });
+        Err(errors)
+    }
+}
+
+/// Listeners, admin and server settings are read once at start.
+fn warn_static_changes(old: &Config, new: &Config) {
+    if old.listeners != new.listeners {
+        log::warn!("listener changes take effect at the next restart or binary upgrade");
+    }
+    if old.admin != new.admin {
+        log::warn!("admin listener changes take effect at the next restart");
+    }
+    if old.server != new.server {
+        log::warn!("`server` settings take effect at the next restart");
+    }
+    if old.access_log != new.access_log {
+        log::warn!("`access_log` changes take effect at the next restart");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_000), (2024, 10, 4));
+    }
+}

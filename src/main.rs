@@ -1,0 +1,23 @@
+//! `portico`: the command line entry point. It parses the command and hands over to
+//! `cli`; everything else lives in the library modules below.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod accesslog;
+mod admin;
+mod cli;
+mod config;
+mod demo_backend;
+mod gateway;
+mod metrics;
+mod proxy;
+mod reload;
+mod router;
+mod server;
+mod snapshot;
+mod upstream;
+
+fn main() {
+    std::process::exit(cli::main());
+}

@@ -1,0 +1,134 @@
+//! The Prometheus registry and the metrics of the operations contract. One `Metrics`
+//! value is created at start and shared by `Arc`; nothing here is a global static, so
+//! tests and `portico check` can build their own.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// All gateway metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub endpoint_healthy: IntGaugeVec,
+    pub inflight: IntGauge,
+    pub reloads: IntCounterVec,
+    pub config_version: IntGauge,
+    pub plugin_rejections: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "portico_requests_total",
+                "Requests answered, by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("static metric definition");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "portico_request_duration_seconds",
+                "Time from request start to the end of the response, by route",
+            ),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "portico_upstream_requests_total",
+                "Tries sent to upstream endpoints, by outcome",
+            ),
+            &["upstream", "endpoint", "outcome"],
+        )
+        .expect("static metric definition");
+        let endpoint_healthy = IntGaugeVec::new(
+            Opts::new(
+                "portico_upstream_endpoint_healthy",
+                "1 when the endpoint takes requests, 0 when unhealthy or ejected",
+            ),
+            &["upstream", "endpoint"],
+        )
+        .expect("static metric definition");
+        let inflight = IntGauge::new("portico_inflight_requests", "Requests being served")
+            .expect("static metric definition");
+        let reloads = IntCounterVec::new(
+            Opts::new("portico_config_reloads_total", "Config loads, by result"),
+            &["result"],
+        )
+        .expect("static metric definition");
+        let config_version = IntGauge::new(
+            "portico_config_version",
+            "Version of the running config (1 at start, +1 per applied reload)",
+        )
+        .expect("static metric definition");
+        let plugin_rejections = IntCounterVec::new(
+            Opts::new(
+                "portico_plugin_rejections_total",
+                "Requests answered by a plugin instead of the upstream",
+            ),
+            &["route", "plugin", "status"],
+        )
+        .expect("static metric definition");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(endpoint_healthy.clone()),
+            Box::new(inflight.clone()),
+            Box::new(reloads.clone()),
+            Box::new(config_version.clone()),
+            Box::new(plugin_rejections.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        reloads.with_label_values(&["ok"]);
+        reloads.with_label_values(&["error"]);
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            endpoint_healthy,
+            inflight,
+            reloads,
+            config_version,
+            plugin_rejections,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = vec![];
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A bounded method label (unknown methods are `OTHER`).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}

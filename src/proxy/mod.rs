@@ -1,0 +1,892 @@
+//! The Pingora `ProxyHttp` implementation. The callbacks stay thin: `request_filter`
+//! pins the snapshot, checks the request's shape, finds the route, runs its plugins
+//! and either answers (respond, redirect, static, errors) or picks an endpoint;
+//! `upstream_peer` hands that endpoint to Pingora; the header filters apply the
+//! forwarding rules and the route's edits; `logging` records metrics and the access log.
+
+pub mod respond;
+pub mod static_files;
+
+use crate::gateway::Gateway;
+use crate::snapshot::{Action, Route, Snapshot};
+use crate::upstream::{Endpoint, Upstream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+use portico_plugins::{Context as PluginCtx, Flow, RequestView};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The proxy service.
+pub struct Proxy {
+    pub gw: Arc<Gateway>,
+    /// `http` or `https`, for `x-forwarded-proto`.
+    pub scheme: &'static str,
+    /// Idle keep-alive timeout for client connections, in seconds.
+    pub keepalive_secs: u64,
+}
+
+/// Per-request state. Dropping it releases the in-flight counts it holds.
+pub struct Ctx {
+    snap: Arc<Snapshot>,
+    gw: Arc<Gateway>,
+    start: Instant,
+    request_id: String,
+    route: Option<Arc<Route>>,
+    upstream: Option<Arc<Upstream>>,
+    /// Index of the chosen endpoint in `upstream.endpoints`, while it is held.
+    endpoint: Option<usize>,
+    tried: Vec<usize>,
+    params: Vec<(String, String)>,
+    client_ip: Option<IpAddr>,
+    host: String,
+    /// Status of a response the gateway made itself, for the log.
+    own_status: Option<u16>,
+    error_code: Option<&'static str>,
+    upstream_counted: bool,
+    last_endpoint: Option<Arc<Endpoint>>,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.release_endpoint();
+        self.gw.metrics.inflight.dec();
+    }
+}
+
+impl Ctx {
+    fn release_endpoint(&mut self) {
+        if let (Some(up), Some(i)) = (&self.upstream, self.endpoint.take()) {
+            if let Some(ep) = up.endpoints.get(i) {
+                ep.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A request id from the client is kept when it is short and printable.
+fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// 32 hex characters of randomness.
+fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// W3C traceparent: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, not all zero.
+fn valid_traceparent(v: &[u8]) -> bool {
+    let s = match std::str::from_utf8(v) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+        && (parts[0] != "00" || parts.len() == 4)
+}
+
+fn new_traceparent() -> String {
+    format!(
+        "00-{:032x}-{:016x}-01",
+        rand::random::<u128>() | 1,
+        rand::random::<u64>() | 1
+    )
+}
+
+/// The client address as the gateway will report it (honouring trusted proxies).
+fn client_ip(session: &Session, snap: &Snapshot) -> Option<IpAddr> {
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())?;
+    if snap.trusted_proxies.is_empty() || !snap.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+        return Some(peer);
+    }
+    // Walk X-Forwarded-For from the right, skipping trusted hops.
+    let xff = session
+        .req_header()
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in xff.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) if snap.trusted_proxies.iter().any(|n| n.contains(&ip)) => continue,
+            Ok(ip) => return Some(ip),
+            Err(_) => break,
+        }
+    }
+    Some(peer)
+}
+
+fn hash_key(up: &Upstream, session: &Session, path: &str, ip: Option<IpAddr>) -> Vec<u8> {
+    use crate::upstream::balance::HashOn;
+    let req = session.req_header();
+    match &up.balancer.hash_on {
+        HashOn::Header(h) => req
+            .headers
+            .get(h)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        HashOn::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        HashOn::ClientIp => ip.map(|i| i.to_string().into_bytes()).unwrap_or_default(),
+        HashOn::Path => path.as_bytes().to_vec(),
+        HashOn::Query(name) => req
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+    }
+}
+
+impl Proxy {
+    fn pick(&self, ctx: &mut Ctx, session: &Session) -> bool {
+        let Some(up) = ctx.upstream.clone() else {
+            return false;
+        };
+        let key = if up.balancer.needs_key() {
+            Some(hash_key(
+                &up,
+                session,
+                session.req_header().uri.path(),
+                ctx.client_ip,
+            ))
+        } else {
+            None
+        };
+        match up.balancer.pick(&up.endpoints, key.as_deref(), &ctx.tried) {
+            Some(i) => {
+                ctx.release_endpoint();
+                up.endpoints[i].inflight.fetch_add(1, Ordering::Relaxed);
+                ctx.endpoint = Some(i);
+                ctx.tried.push(i);
+                ctx.last_endpoint = Some(Arc::clone(&up.endpoints[i]));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn count_try(&self, ctx: &mut Ctx, outcome: &str) {
+        if let (Some(up), Some(ep)) = (&ctx.upstream, &ctx.last_endpoint) {
+            self.gw
+                .metrics
+                .upstream_requests
+                .with_label_values(&[&up.name, &ep.label, outcome])
+                .inc();
+        }
+    }
+
+    /// Answers a request the proxy refuses before routing.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        code: &'static str,
+        msg: &str,
+    ) -> Result<bool> {
+        ctx.own_status = Some(status);
+        ctx.error_code = Some(code);
+        session.set_keepalive(None);
+        respond::error(session, status, code, msg, &ctx.request_id).await?;
+        Ok(true)
+    }
+}
+
+fn upstream_path(route: &Route, path: &str, query: Option<&str>) -> Option<String> {
+    let mut p: String = path.to_string();
+    if let Some(prefix) = &route.strip_prefix {
+        if let Some(rest) = p.strip_prefix(prefix.as_str()) {
+            if rest.is_empty() || rest.starts_with('/') {
+                p = if rest.is_empty() {
+                    "/".into()
+                } else {
+                    rest.to_string()
+                };
+            }
+        }
+    }
+    if let Some((re, rep)) = &route.rewrite {
+        p = re.replace(&p, rep.as_str()).into_owned();
+        if !p.starts_with('/') {
+            p.insert(0, '/');
+        }
+    }
+    if p == path && route.strip_prefix.is_none() && route.rewrite.is_none() {
+        return None;
+    }
+    Some(match query {
+        Some(q) => format!("{p}?{q}"),
+        None => p,
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.gw.metrics.inflight.inc();
+        Ctx {
+            snap: self.gw.current(),
+            gw: Arc::clone(&self.gw),
+            start: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            upstream: None,
+            endpoint: None,
+            tried: Vec::new(),
+            params: Vec::new(),
+            client_ip: None,
+            host: String::new(),
+            own_status: None,
+            error_code: None,
+            upstream_counted: false,
+            last_endpoint: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = Arc::clone(&ctx.snap);
+        ctx.request_id = match session.req_header().headers.get("x-request-id") {
+            Some(v) if valid_request_id(v.as_bytes()) => {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            }
+            _ => new_id(),
+        };
+        if self.gw.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(self.keepalive_secs));
+        }
+        ctx.client_ip = client_ip(session, &snap);
+
+        // Shape checks Pingora leaves to the application.
+        let req = session.req_header();
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if req.headers.len() > snap.max_headers || header_bytes > snap.max_header_bytes {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    431,
+                    "headers_too_large",
+                    "request headers are too large",
+                )
+                .await;
+        }
+        let te = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        let cls: Vec<&[u8]> = req
+            .headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if (te && !cls.is_empty()) || cls.windows(2).any(|w| w[0] != w[1]) {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    "bad_request",
+                    "conflicting Content-Length / Transfer-Encoding",
+                )
+                .await;
+        }
+        let raw_host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.host())
+            .unwrap_or("");
+        ctx.host = crate::router::normalize_host(raw_host);
+        let path = crate::router::normalize_path(req.uri.path()).into_owned();
+        let query = req.uri.query().map(str::to_string);
+        let method = req.method.clone();
+
+        let route = {
+            let info = crate::router::RequestInfo {
+                method: &method,
+                host: &ctx.host,
+                path: &path,
+                query: query.as_deref(),
+                headers: &req.headers,
+            };
+            snap.table.find(&info, &mut ctx.params).cloned()
+        };
+        let Some(route) = route else {
+            let msg = format!("no route for {method} {}{path}", ctx.host);
+            return self.refuse(session, ctx, 404, "no_route", &msg).await;
+        };
+        ctx.route = Some(Arc::clone(&route));
+
+        if !route.plugins.is_empty() {
+            let mut edits = portico_plugins::HeaderEdits::default();
+            let headers = &session.req_header().headers;
+            let mut pctx = PluginCtx {
+                request_id: &ctx.request_id,
+                route: &route.name,
+                params: &ctx.params,
+                client_ip: ctx.client_ip,
+                consumer: None,
+            };
+            let mut flow = Flow::Continue;
+            for p in &route.plugins {
+                let mut view = RequestView {
+                    method: &method,
+                    path: &path,
+                    query: query.as_deref(),
+                    headers,
+                    edits: &mut edits,
+                };
+                flow = p.on_request(&mut view, &mut pctx);
+                if let Flow::Respond(r) = &flow {
+                    self.gw
+                        .metrics
+                        .plugin_rejections
+                        .with_label_values(&[&route.name, p.name(), &r.status.to_string()])
+                        .inc();
+                    break;
+                }
+            }
+            let req = session.req_header_mut();
+            for n in &edits.remove {
+                req.remove_header(n);
+            }
+            for (k, v) in edits.set {
+                req.insert_header(k, v)?;
+            }
+            if let Flow::Respond(r) = flow {
+                ctx.own_status = Some(r.status);
+                let hs: Vec<_> = r
+                    .headers
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                            http::HeaderValue::from_str(v).ok()?,
+                        ))
+                    })
+                    .collect();
+                respond::write(session, r.status, &hs, r.body, &ctx.request_id).await?;
+                return Ok(true);
+            }
+        }
+
+        match &route.action {
+            Action::Upstream(u) => ctx.upstream = Some(Arc::clone(u)),
+            Action::Split(arms, total) => {
+                let roll = crate::upstream::balance::fastrand(*total as usize) as u32;
+                let arm = arms.iter().find(|(_, bound)| roll < *bound).or(arms.last());
+                ctx.upstream = arm.map(|(u, _)| Arc::clone(u));
+            }
+            Action::Respond {
+                status,
+                body,
+                headers,
+            } => {
+                ctx.own_status = Some(*status);
+                let mut hs = headers.clone();
+                hs.extend(route.response_headers.set.iter().cloned());
+                respond::write(session, *status, &hs, body.clone(), &ctx.request_id).await?;
+                return Ok(true);
+            }
+            Action::Redirect {
+                to,
+                status,
+                keep_query,
+            } => {
+                ctx.own_status = Some(*status);
+                let mut loc = to.clone();
+                if *keep_query {
+                    if let Some(q) = &query {
+                        loc.push(if loc.contains('?') { '&' } else { '?' });
+                        loc.push_str(q);
+                    }
+                }
+                let loc = http::HeaderValue::from_str(&loc)
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("/"));
+                let body = Bytes::from(format!("redirecting to {}\n", loc.to_str().unwrap_or("/")));
+                respond::write(
+                    session,
+                    *status,
+                    &[(http::header::LOCATION, loc)],
+                    body,
+                    &ctx.request_id,
+                )
+                .await?;
+                return Ok(true);
+            }
+            Action::Static { dir, index } => {
+                let rel = match &route.strip_prefix {
+                    Some(p) => path.strip_prefix(p.as_str()).unwrap_or(&path).to_string(),
+                    None => path.clone(),
+                };
+                let status =
+                    static_files::serve(session, dir, index, &rel, &ctx.request_id).await?;
+                ctx.own_status = Some(status);
+                return Ok(true);
+            }
+        }
+        if !self.pick(ctx, session) {
+            let name = ctx
+                .upstream
+                .as_ref()
+                .map(|u| u.name.to_string())
+                .unwrap_or_default();
+            let msg = format!("upstream `{name}` has no healthy endpoint");
+            ctx.own_status = Some(503);
+            ctx.error_code = Some("no_healthy_upstream");
+            respond::error(session, 503, "no_healthy_upstream", &msg, &ctx.request_id).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        if ctx.endpoint.is_none() && !self.pick(ctx, session) {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy endpoint left to try",
+            );
+        }
+        let (Some(up), Some(i)) = (&ctx.upstream, ctx.endpoint) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no upstream");
+        };
+        let ep = &up.endpoints[i];
+        let mut peer = HttpPeer::new(ep.addr, false, String::new());
+        let t = &up.timeouts;
+        peer.options.connection_timeout = t.connect;
+        peer.options.read_timeout = ctx.route.as_ref().and_then(|r| r.timeout).or(t.read);
+        peer.options.write_timeout = t.write;
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) {
+            up.connect_failed(&up.endpoints[i]);
+            self.count_try(ctx, "connect_failure");
+            ctx.release_endpoint();
+            // A failed connect sent nothing: safe to try another endpoint, if any is left.
+            let others = up
+                .endpoints
+                .iter()
+                .enumerate()
+                .any(|(j, ep)| !ctx.tried.contains(&j) && ep.available());
+            if others && ctx.tried.len() < 3 {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(up), Some(i)) = (&ctx.upstream, ctx.endpoint) {
+            up.connect_ok(&up.endpoints[i]);
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if let Some(up) = &ctx.upstream {
+            if let Some(h) = &up.host {
+                req.insert_header(http::header::HOST, h.clone())?;
+            }
+        }
+        let new_path = {
+            let uri = &session.req_header().uri;
+            let p = crate::router::normalize_path(uri.path());
+            upstream_path(&route, &p, uri.query()).or_else(|| {
+                (p != uri.path()).then(|| match uri.query() {
+                    Some(q) => format!("{p}?{q}"),
+                    None => p.into_owned(),
+                })
+            })
+        };
+        if let Some(p) = new_path {
+            match p.parse::<http::Uri>() {
+                Ok(uri) => req.set_uri(uri),
+                Err(_) => {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(400),
+                        "rewritten path is not a valid URI",
+                    )
+                }
+            }
+        }
+        // Forwarding headers.
+        let ip = ctx.client_ip.map(|i| i.to_string()).unwrap_or_default();
+        let prev_xff = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let xff = if prev_xff.is_empty() {
+            peer_ip.clone()
+        } else {
+            format!("{prev_xff}, {peer_ip}")
+        };
+        req.insert_header("x-forwarded-for", xff)?;
+        req.insert_header("x-forwarded-proto", self.scheme)?;
+        let orig_host = session
+            .req_header()
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+            .or_else(|| {
+                session
+                    .req_header()
+                    .uri
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            });
+        if let Some(h) = &orig_host {
+            req.insert_header("x-forwarded-host", h.clone())?;
+        }
+        let for_part = if peer_ip.contains(':') {
+            format!("\"[{peer_ip}]\"")
+        } else {
+            peer_ip.clone()
+        };
+        let mut fwd = format!("for={for_part};proto={}", self.scheme);
+        if let Some(h) = orig_host.as_ref().and_then(|h| h.to_str().ok()) {
+            if h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            {
+                fwd.push_str(";host=");
+                fwd.push_str(h);
+            }
+        }
+        let fwd = match session
+            .req_header()
+            .headers
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {fwd}"),
+            None => fwd,
+        };
+        req.insert_header("forwarded", fwd)?;
+        let _ = ip;
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let tp_ok = req
+            .headers
+            .get("traceparent")
+            .is_some_and(|v| valid_traceparent(v.as_bytes()));
+        if !tp_ok {
+            req.remove_header("tracestate");
+            req.insert_header("traceparent", new_traceparent())?;
+        }
+        for n in &route.request_headers.remove {
+            req.remove_header(n);
+        }
+        for (k, v) in &route.request_headers.set {
+            req.insert_header(k.clone(), v.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Hop-by-hop fields of the upstream connection do not cross the gateway.
+        let nominated: Vec<String> = resp
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive" && t != "upgrade")
+            .collect();
+        for n in nominated {
+            resp.remove_header(n.as_str());
+        }
+        resp.remove_header("keep-alive");
+        resp.remove_header("proxy-connection");
+        if !ctx.upstream_counted {
+            ctx.upstream_counted = true;
+            let outcome = if resp.status.is_server_error() {
+                "http_5xx"
+            } else {
+                "ok"
+            };
+            self.count_try(ctx, outcome);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(route) = &ctx.route {
+            for n in &route.response_headers.remove {
+                resp.remove_header(n);
+            }
+            for (k, v) in &route.response_headers.set {
+                resp.insert_header(k.clone(), v.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let upstream_side = matches!(e.esource(), pingora::ErrorSource::Upstream);
+        let (status, code, msg): (u16, &'static str, &str) = match e.etype() {
+            ErrorType::HTTPStatus(s) => (
+                *s,
+                if *s == 503 {
+                    "no_healthy_upstream"
+                } else {
+                    "error"
+                },
+                "the gateway refused the request",
+            ),
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+            | ErrorType::InvalidCert
+            | ErrorType::BindError
+            | ErrorType::SocketError => (502, "bad_gateway", "could not connect to the upstream"),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout if upstream_side => (
+                504,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            ),
+            _ if upstream_side => (502, "bad_gateway", "the upstream connection failed"),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                (0, "client_closed", "")
+            }
+            ErrorType::ReadTimedout => (
+                408,
+                "request_timeout",
+                "the request was not received in time",
+            ),
+            ErrorType::InvalidHTTPHeader
+            | ErrorType::H1Error
+            | ErrorType::H2Error
+            | ErrorType::InvalidH2 => (400, "bad_request", "malformed request"),
+            _ => (500, "internal", "internal gateway error"),
+        };
+        if ctx.endpoint.is_some() || ctx.last_endpoint.is_some() {
+            if !ctx.upstream_counted
+                && status != 0
+                && !matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout
+                        | ErrorType::ConnectRefused
+                        | ErrorType::ConnectNoRoute
+                        | ErrorType::ConnectError
+                )
+            {
+                ctx.upstream_counted = true;
+                let outcome = if status == 504 { "timeout" } else { "reset" };
+                self.count_try(ctx, outcome);
+            }
+        }
+        ctx.error_code = Some(code);
+        let written = session.response_written().is_some();
+        if status > 0 && !written {
+            if ctx.request_id.is_empty() {
+                ctx.request_id = new_id();
+            }
+            let _ = respond::error(session, status, code, msg, &ctx.request_id).await;
+        }
+        ctx.own_status = Some(status);
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.release_endpoint();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.own_status)
+            .unwrap_or(0);
+        let elapsed = ctx.start.elapsed();
+        let route_name: &str = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
+        let m = &self.gw.metrics;
+        let req = session.req_header();
+        let method = crate::metrics::method_label(&req.method);
+        let mut sbuf = itoa_status(status);
+        m.requests
+            .with_label_values(&[route_name, method, sbuf.as_str()])
+            .inc();
+        match &ctx.route {
+            Some(r) => r.duration.observe(elapsed.as_secs_f64()),
+            None => m
+                .request_duration
+                .with_label_values(&[""])
+                .observe(elapsed.as_secs_f64()),
+        }
+        if self.gw.access_log.enabled() {
+            use std::fmt::Write;
+            let mut l = String::with_capacity(384);
+            l.push_str("{\"time\":\"");
+            l.push_str(&crate::gateway::now_rfc3339());
+            l.push_str("\",\"request_id\":");
+            crate::accesslog::json_str(&mut l, &ctx.request_id);
+            l.push_str(",\"client\":");
+            crate::accesslog::json_str(
+                &mut l,
+                &session
+                    .client_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            );
+            l.push_str(",\"method\":");
+            crate::accesslog::json_str(&mut l, req.method.as_str());
+            l.push_str(",\"host\":");
+            crate::accesslog::json_str(&mut l, &ctx.host);
+            l.push_str(",\"path\":");
+            crate::accesslog::json_str(&mut l, req.uri.path());
+            let _ = write!(
+                l,
+                ",\"status\":{status},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3},\"route\":",
+                session.body_bytes_read(),
+                session.body_bytes_sent(),
+                elapsed.as_secs_f64() * 1000.0
+            );
+            crate::accesslog::json_str(&mut l, route_name);
+            l.push_str(",\"upstream\":");
+            crate::accesslog::json_str(
+                &mut l,
+                ctx.upstream.as_ref().map(|u| &*u.name).unwrap_or(""),
+            );
+            l.push_str(",\"endpoint\":");
+            crate::accesslog::json_str(
+                &mut l,
+                ctx.last_endpoint
+                    .as_ref()
+                    .map(|e| e.label.as_str())
+                    .unwrap_or(""),
+            );
+            if let Some(code) = ctx.error_code {
+                l.push_str(",\"error\":");
+                crate::accesslog::json_str(&mut l, code);
+            } else if let Some(e) = e {
+                l.push_str(",\"error\":");
+                crate::accesslog::json_str(&mut l, e.etype().as_str());
+            }
+            l.push('}');
+            self.gw.access_log.write(l);
+        }
+        sbuf.clear();
+    }
+}
+
+fn itoa_status(s: u16) -> String {
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_validation() {
+        assert!(valid_traceparent(
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+        ));
+        assert!(!valid_traceparent(b"zz"));
+        assert!(valid_traceparent(new_traceparent().as_bytes()));
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 200]));
+        assert_eq!(new_id().len(), 32);
+    }
+}

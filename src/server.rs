@@ -1,0 +1,227 @@
+//! `portico run`: builds the Pingora server (one proxy service over every listener,
+//! the admin service, a background runtime for health checks and reloads) and runs it.
+//! Shutdown is ours, not Pingora's fixed sleep: at SIGTERM `/readyz` turns 503, after
+//! `server.drain_delay` the listeners close, and the process exits as soon as the last
+//! in-flight request is done (or when `server.grace_period` runs out).
+
+use crate::accesslog::AccessLog;
+use crate::admin::Admin;
+use crate::config;
+use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Signals {
+    gw: Arc<Gateway>,
+    drain_delay: Duration,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!("cannot install signal handlers");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                log::info!("SIGTERM: draining (readyz 503), listeners close in {:?}", self.drain_delay);
+                self.gw.draining.store(true, Ordering::SeqCst);
+                tokio::time::sleep(self.drain_delay).await;
+                exit_when_idle(Arc::clone(&self.gw), self.grace);
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => {
+                self.gw.access_log.flush();
+                ShutdownSignal::FastShutdown
+            }
+            _ = quit.recv() => {
+                self.gw.draining.store(true, Ordering::SeqCst);
+                ShutdownSignal::GracefulUpgrade
+            }
+        }
+    }
+}
+
+/// Exits the process once no request is in flight, or when the grace period ends.
+fn exit_when_idle(gw: Arc<Gateway>, grace: Duration) {
+    let _ = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            let deadline = Instant::now() + grace;
+            let mut quiet = 0;
+            while Instant::now() < deadline {
+                if gw.metrics.inflight.get() <= 0 {
+                    quiet += 1;
+                    if quiet >= 3 {
+                        break;
+                    }
+                } else {
+                    quiet = 0;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let left = gw.metrics.inflight.get();
+            if left > 0 {
+                log::warn!("grace period over with {left} requests still in flight");
+            } else {
+                log::info!("all requests finished; exiting");
+            }
+            gw.access_log.flush();
+            std::process::exit(0);
+        });
+}
+
+/// Waits until every listener accepts connections, then marks the gateway ready.
+fn mark_ready_when_bound(gw: Arc<Gateway>, addrs: Vec<String>) {
+    let rt = gw.bg.clone();
+    rt.spawn(async move {
+        loop {
+            let mut all = true;
+            for a in &addrs {
+                if tokio::net::TcpStream::connect(a.as_str()).await.is_err() {
+                    all = false;
+                }
+            }
+            if all {
+                gw.ready.store(true, Ordering::SeqCst);
+                log::info!("ready: listening on {}", addrs.join(", "));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// Runs the gateway with `path`; returns the exit code.
+pub fn run(path: PathBuf) -> i32 {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}:1:1: cannot read the config file: {e}", path.display());
+            return 1;
+        }
+    };
+    let cfg = match config::load_str(&path.display().to_string(), &text) {
+        Ok((c, _)) => c,
+        Err(errs) => {
+            for e in &errs {
+                eprintln!("{e}");
+            }
+            return 1;
+        }
+    };
+    if cfg.listeners.is_empty() {
+        eprintln!("{}:1:1: no listeners configured", path.display());
+        return 1;
+    }
+    let bg_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("portico-bg")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the background runtime: {e}");
+            return 2;
+        }
+    };
+    let access_log = match AccessLog::open(&cfg.access_log.path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot open access log {}: {e}", cfg.access_log.path);
+            return 2;
+        }
+    };
+    let gw = match Gateway::new(
+        cfg.clone(),
+        &text,
+        path.clone(),
+        bg_rt.handle().clone(),
+        access_log,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return 1;
+        }
+    };
+    let token = match &cfg.admin.token_env {
+        Some(var) => std::env::var(var).ok().filter(|t| !t.is_empty()),
+        None => None,
+    };
+
+    let conf = ServerConf {
+        threads: cfg.server.threads,
+        work_stealing: false,
+        grace_period_seconds: Some(cfg.server.grace_period.0.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy {
+            gw: Arc::clone(&gw),
+            scheme: "http",
+            keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
+        },
+        "portico",
+    );
+    let l4 = L4BufferSettings {
+        read: Some(16 * 1024),
+        write: None,
+    };
+    let mut addrs = vec![];
+    for l in &cfg.listeners {
+        proxy.add_listener(ListenerConfig::tcp(&l.bind).l4_buffer(l4));
+        addrs.push(l.bind.clone());
+    }
+    let mut admin = pingora::services::listening::Service::new(
+        "portico-admin".to_string(),
+        Admin {
+            gw: Arc::clone(&gw),
+            token,
+        },
+    );
+    admin.add_tcp(&cfg.admin.bind);
+    server.add_service(proxy);
+    server.add_service(admin);
+
+    if let Err(e) = crate::reload::watch(Arc::clone(&gw), cfg.server.watch_debounce.0) {
+        log::warn!(
+            "cannot watch {} for changes: {e}; use SIGHUP or POST /reload",
+            path.display()
+        );
+    }
+    crate::reload::on_sighup(Arc::clone(&gw));
+    mark_ready_when_bound(Arc::clone(&gw), addrs);
+    log::info!("portico starting with {}", path.display());
+    let signals = Signals {
+        gw: Arc::clone(&gw),
+        drain_delay: cfg.server.drain_delay.0,
+        grace: cfg.server.grace_period.0,
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    gw.access_log.flush();
+    drop(bg_rt);
+    0
+}

@@ -1,0 +1,240 @@
+//! `compile(config, previous)` -> an immutable `Snapshot`: the route table with every
+//! matcher, regex and header value built, `Arc`ed upstreams and plugin instances. A
+//! request pins one snapshot for its whole life. Upstreams whose config did not change
+//! are carried over from the previous snapshot as the same `Arc` (health, in-flight
+//! counts and their checker survive), and changed ones keep the state of endpoints
+//! whose address stayed.
+
+use crate::config::model::{self, Config, StripPrefix};
+use crate::router::{self, Table};
+use crate::upstream::{health, Upstream};
+use bytes::Bytes;
+use portico_plugins::Plugin;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a route does.
+pub enum Action {
+    Upstream(Arc<Upstream>),
+    /// Weighted arms; `u32` is the cumulative weight bound of each arm.
+    Split(Vec<(Arc<Upstream>, u32)>, u32),
+    Redirect {
+        to: String,
+        status: u16,
+        keep_query: bool,
+    },
+    Respond {
+        status: u16,
+        body: Bytes,
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
+    Static {
+        dir: std::path::PathBuf,
+        index: String,
+    },
+}
+
+impl Action {
+    /// A short name for `/routes` and explanations.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Upstream(u) => format!("upstream {}", u.name),
+            Action::Split(arms, total) => {
+                let mut prev = 0;
+                let parts: Vec<String> = arms
+                    .iter()
+                    .map(|(u, bound)| {
+                        let w = bound - prev;
+                        prev = *bound;
+                        format!("{} {}%", u.name, (w as f64 * 100.0 / *total as f64).round())
+                    })
+                    .collect();
+                format!("split {}", parts.join(", "))
+            }
+            Action::Redirect { to, status, .. } => format!("redirect {status} {to}"),
+            Action::Respond { status, .. } => format!("respond {status}"),
+            Action::Static { dir, .. } => format!("static {}", dir.display()),
+        }
+    }
+}
+
+/// Compiled header edits.
+#[derive(Default)]
+pub struct HeaderEdit {
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderEdit {
+    fn compile(e: &model::HeaderEdit) -> HeaderEdit {
+        HeaderEdit {
+            set: e
+                .set
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        http::HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+            remove: e
+                .remove
+                .iter()
+                .filter_map(|k| http::HeaderName::from_bytes(k.as_bytes()).ok())
+                .collect(),
+        }
+    }
+}
+
+/// A compiled route.
+pub struct Route {
+    pub name: Arc<str>,
+    pub index: usize,
+    pub action: Action,
+    pub strip_prefix: Option<String>,
+    pub rewrite: Option<(regex::Regex, String)>,
+    pub timeout: Option<Duration>,
+    pub request_headers: HeaderEdit,
+    pub response_headers: HeaderEdit,
+    /// Global plugins first, then the route's own, in written order.
+    pub plugins: Vec<Arc<dyn Plugin>>,
+    /// The route's duration histogram, resolved once.
+    pub duration: prometheus::Histogram,
+}
+
+/// Everything the proxy needs for one config version.
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<Config>,
+    pub table: Table<Route>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// Compiles a validated config. `rt` (when serving) runs the health checkers.
+pub fn compile(
+    cfg: &Config,
+    prev: Option<&Snapshot>,
+    rt: Option<&tokio::runtime::Handle>,
+    metrics: &crate::metrics::Metrics,
+    version: u64,
+) -> Result<Snapshot, String> {
+    let mut upstreams = BTreeMap::new();
+    for (name, spec) in &cfg.upstreams {
+        let old = prev.and_then(|p| p.upstreams.get(name));
+        let up = match old {
+            Some(o) if o.spec == *spec => Arc::clone(o),
+            _ => {
+                let up = Arc::new(Upstream::compile(name, spec, old.map(|o| o.as_ref())));
+                if let Some(rt) = rt {
+                    health::spawn(rt, &up);
+                }
+                up
+            }
+        };
+        upstreams.insert(name.clone(), up);
+    }
+    let registry = portico_plugins::Registry::builtin();
+    let global: Vec<Arc<dyn Plugin>> = cfg
+        .plugins
+        .iter()
+        .map(|e| registry.build(e).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut routes = vec![];
+    for (index, r) in cfg.routes.iter().enumerate() {
+        let matcher = Arc::new(router::compile_matcher(&r.matcher)?);
+        let get = |n: &str| {
+            upstreams
+                .get(n)
+                .cloned()
+                .ok_or_else(|| format!("route {}: unknown upstream {n}", r.name))
+        };
+        let action = if let Some(u) = &r.upstream {
+            Action::Upstream(get(u)?)
+        } else if let Some(split) = &r.split {
+            let mut acc = 0;
+            let mut arms = vec![];
+            for s in split.iter().filter(|s| s.weight > 0) {
+                acc += s.weight;
+                arms.push((get(&s.upstream)?, acc));
+            }
+            Action::Split(arms, acc)
+        } else if let Some(rd) = &r.redirect {
+            Action::Redirect {
+                to: rd.to.clone(),
+                status: rd.status,
+                keep_query: rd.keep_query,
+            }
+        } else if let Some(rs) = &r.respond {
+            Action::Respond {
+                status: rs.status,
+                body: Bytes::from(rs.body.clone()),
+                headers: HeaderEdit::compile(&model::HeaderEdit {
+                    set: rs.headers.clone(),
+                    remove: vec![],
+                })
+                .set,
+            }
+        } else if let Some(st) = &r.static_files {
+            Action::Static {
+                dir: std::path::PathBuf::from(&st.dir),
+                index: st.index.clone(),
+            }
+        } else {
+            return Err(format!("route {} has no action this build can run", r.name));
+        };
+        let strip_prefix = match &r.strip_prefix {
+            Some(StripPrefix::Flag(true)) => r
+                .matcher
+                .path_prefix
+                .as_ref()
+                .map(|p| p.trim_end_matches('/').to_string()),
+            Some(StripPrefix::Prefix(p)) => Some(p.trim_end_matches('/').to_string()),
+            _ => None,
+        };
+        let rewrite = match &r.rewrite {
+            Some(rw) => Some((
+                regex::Regex::new(&rw.path_regex).map_err(|e| e.to_string())?,
+                rw.replacement.clone(),
+            )),
+            None => None,
+        };
+        let mut plugins = global.clone();
+        for e in &r.plugins {
+            plugins.push(registry.build(e).map_err(|e| e.to_string())?);
+        }
+        let headers = r.headers.clone().unwrap_or_default();
+        routes.push((
+            Arc::new(Route {
+                name: Arc::from(r.name.as_str()),
+                index,
+                action,
+                strip_prefix,
+                rewrite,
+                timeout: r.timeout.map(|d| d.0),
+                request_headers: HeaderEdit::compile(&headers.request),
+                response_headers: HeaderEdit::compile(&headers.response),
+                plugins,
+                duration: metrics.request_duration.with_label_values(&[&r.name]),
+            }),
+            matcher,
+        ));
+    }
+    Ok(Snapshot {
+        version,
+        config: Arc::new(cfg.clone()),
+        table: Table::new(routes),
+        upstreams,
+        trusted_proxies: cfg
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| crate::config::validate::parse_cidr(c))
+            .collect(),
+        max_header_bytes: cfg.server.max_header_bytes.0 as usize,
+        max_headers: cfg.server.max_headers,
+    })
+}

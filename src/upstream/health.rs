@@ -1,0 +1,106 @@
+//! Active HTTP health checks. Each upstream with a `health_check` gets one task on the
+//! background runtime that holds only a `Weak` to it: when a reload drops the upstream
+//! the task ends by itself. An endpoint turns unhealthy after `unhealthy_threshold`
+//! failed probes in a row and healthy again after `healthy_threshold` good ones.
+
+use super::{Endpoint, Upstream};
+use crate::config::model::HealthCheck;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Starts the checker for `up` if it has a `health_check`.
+pub fn spawn(rt: &tokio::runtime::Handle, up: &Arc<Upstream>) {
+    let Some(hc) = up.health_check.clone() else {
+        return;
+    };
+    let weak: Weak<Upstream> = Arc::downgrade(up);
+    rt.spawn(async move {
+        loop {
+            let Some(up) = weak.upgrade() else { return };
+            let probes = up.endpoints.iter().map(|ep| {
+                let ep = Arc::clone(ep);
+                let hc = hc.clone();
+                let name = Arc::clone(&up.name);
+                async move {
+                    let ok = probe(&ep, &hc).await;
+                    record(&name, &ep, &hc, ok);
+                }
+            });
+            futures_join_all(probes).await;
+            drop(up);
+            tokio::time::sleep(hc.interval.0).await;
+        }
+    });
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn record(upstream: &str, ep: &Endpoint, hc: &HealthCheck, ok: bool) {
+    let healthy = ep.healthy.load(Ordering::Relaxed);
+    if ok == healthy {
+        ep.hc_streak.store(0, Ordering::Relaxed);
+        return;
+    }
+    let streak = ep.hc_streak.fetch_add(1, Ordering::Relaxed) + 1;
+    let threshold = if healthy {
+        hc.unhealthy_threshold
+    } else {
+        hc.healthy_threshold
+    };
+    if streak >= threshold.max(1) {
+        ep.healthy.store(ok, Ordering::Relaxed);
+        ep.hc_streak.store(0, Ordering::Relaxed);
+        if ok {
+            // A recovered endpoint is no longer passively ejected either.
+            ep.ejected_until.store(0, Ordering::Relaxed);
+            log::info!(
+                "upstream {upstream}: endpoint {} is healthy again",
+                ep.label
+            );
+        } else {
+            log::warn!(
+                "upstream {upstream}: endpoint {} is unhealthy after {streak} failed checks",
+                ep.label
+            );
+        }
+    }
+}
+
+/// One probe: `GET path` over a new connection; any 2xx or 3xx is healthy.
+pub async fn probe(ep: &Endpoint, hc: &HealthCheck) -> bool {
+    let fut = async {
+        let mut s = TcpStream::connect(ep.addr).await.ok()?;
+        let host = hc.host.as_deref().unwrap_or(&ep.label);
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portico-health-check\r\nConnection: close\r\n\r\n",
+            hc.path
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let r = s.read(&mut buf[n..]).await.ok()?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        let code: u16 = line.get(9..12)?.parse().ok()?;
+        Some((200..400).contains(&code))
+    };
+    matches!(
+        tokio::time::timeout(hc.timeout.0.max(Duration::from_millis(1)), fut).await,
+        Ok(Some(true))
+    )
+}

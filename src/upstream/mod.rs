@@ -1,0 +1,156 @@
+//! Upstreams at run time: endpoints with their health and in-flight counts, and the
+//! balancer that picks one per request. An `Upstream` is immutable once compiled;
+//! per-endpoint state lives in `Endpoint` atomics, so a reload that keeps an upstream
+//! (or an endpoint address) keeps its health, ejection and in-flight state as well.
+
+pub mod balance;
+pub mod health;
+
+use crate::config::model::{self, Balance};
+use balance::{Balancer, HashOn};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Milliseconds since the process started: a cheap monotonic clock for atomics.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// One backend address and its live state.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The address as written in the config (used in metrics and logs).
+    pub label: String,
+    pub weight: u32,
+    /// Active health check verdict (true until a check says otherwise).
+    pub healthy: AtomicBool,
+    /// Passive ejection: not used before this time (`now_ms`).
+    pub ejected_until: AtomicU64,
+    pub connect_failures: AtomicU32,
+    pub inflight: AtomicI64,
+    /// Consecutive active-check results in the current direction.
+    pub hc_streak: AtomicU32,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, label: &str, weight: u32) -> Endpoint {
+        Endpoint {
+            addr,
+            label: label.to_string(),
+            weight,
+            healthy: AtomicBool::new(true),
+            ejected_until: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
+            inflight: AtomicI64::new(0),
+            hc_streak: AtomicU32::new(0),
+        }
+    }
+
+    /// True when the endpoint may take new requests.
+    pub fn available(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+    }
+}
+
+/// Timeouts applied to connections to an upstream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    pub read: Option<Duration>,
+    pub write: Option<Duration>,
+}
+
+/// A compiled upstream.
+pub struct Upstream {
+    pub name: Arc<str>,
+    /// The config it was compiled from: reused as-is when a reload leaves it equal.
+    pub spec: model::Upstream,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub balancer: Balancer,
+    pub host: Option<http::HeaderValue>,
+    pub timeouts: Timeouts,
+    pub passive: model::PassiveHealth,
+    pub health_check: Option<model::HealthCheck>,
+}
+
+impl Upstream {
+    /// Builds an upstream, reusing endpoint state from `prev` for addresses it had.
+    pub fn compile(name: &str, spec: &model::Upstream, prev: Option<&Upstream>) -> Upstream {
+        let old: HashMap<&str, &Arc<Endpoint>> = prev
+            .map(|p| p.endpoints.iter().map(|e| (e.label.as_str(), e)).collect())
+            .unwrap_or_default();
+        let endpoints: Vec<Arc<Endpoint>> = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let label = e.address();
+                match old.get(label) {
+                    Some(ep) if ep.weight == e.weight() => Some(Arc::clone(ep)),
+                    _ => crate::config::validate::resolve(label)
+                        .map(|a| Arc::new(Endpoint::new(a, label, e.weight()))),
+                }
+            })
+            .collect();
+        let hash_on = spec
+            .hash_on
+            .as_deref()
+            .map(HashOn::parse)
+            .unwrap_or(HashOn::ClientIp);
+        let balancer = Balancer::new(spec.balance, &endpoints, hash_on);
+        let t = &spec.timeouts;
+        Upstream {
+            name: Arc::from(name),
+            spec: spec.clone(),
+            balancer,
+            host: spec
+                .host
+                .as_deref()
+                .and_then(|h| http::HeaderValue::from_str(h).ok()),
+            timeouts: Timeouts {
+                connect: t.connect.map(|d| d.0).or(Some(Duration::from_secs(5))),
+                read: t.read.map(|d| d.0).or(Some(Duration::from_secs(60))),
+                write: t.write.map(|d| d.0).or(Some(Duration::from_secs(60))),
+            },
+            passive: spec.passive_health.clone().unwrap_or_default(),
+            health_check: spec.health_check.clone(),
+            endpoints,
+        }
+    }
+
+    /// The balancing policy's config name.
+    pub fn balance_name(&self) -> &'static str {
+        match self.spec.balance {
+            Balance::RoundRobin => "round_robin",
+            b => b.as_str(),
+        }
+    }
+
+    /// Records a failed connection attempt; ejects the endpoint after enough of them.
+    pub fn connect_failed(&self, ep: &Endpoint) {
+        let n = ep.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.passive.consecutive_failures.max(1) {
+            let until = now_ms() + self.passive.eject_for.0.as_millis() as u64;
+            ep.ejected_until.store(until, Ordering::Relaxed);
+            ep.connect_failures.store(0, Ordering::Relaxed);
+            log::warn!(
+                "upstream {}: endpoint {} ejected for {:?} after {n} connect failures",
+                self.name,
+                ep.label,
+                self.passive.eject_for.0
+            );
+        }
+    }
+
+    /// Records a successful connection.
+    pub fn connect_ok(&self, ep: &Endpoint) {
+        if ep.connect_failures.load(Ordering::Relaxed) != 0 {
+            ep.connect_failures.store(0, Ordering::Relaxed);
+        }
+    }
+}
