@@ -18,8 +18,8 @@
 #   --only LIST     comma-separated subset of: nginx,haproxy,bare-pingora,portico
 #   --no-install    never call apt-get (fail if a tool is missing)
 #   --no-build      use the binaries already built
-#   --quiet-wait S  before each proxy, wait up to S seconds for running rustc
-#                   processes (a build on the shared box) to finish; the
+#   --quiet-wait S  before each proxy, wait up to S seconds for running cargo/
+#                   rustc processes (a build on the shared box) to finish; the
 #                   measurements taken while one runs are flagged "contended"
 #                   (default 900, 0 with --quick)
 # Environment overrides: BENCH_SAT_SECS, BENCH_RATE_SECS, BENCH_WARMUP_SECS,
@@ -80,12 +80,12 @@ PROXY_CORE=0
 LOAD_CORE=1
 
 # Ports (the Portico ones are also written in bench/portico-bench.yaml).
-BACKEND_PORT=18000
-PORTICO_PORT=18080
-PORTICO_ADMIN_PORT=18901
-BARE_PORT=18081
-NGINX_PORT=18082
-HAPROXY_PORT=18083
+BACKEND_PORT=27000
+PORTICO_PORT=27080
+PORTICO_ADMIN_PORT=27901
+BARE_PORT=27081
+NGINX_PORT=27082
+HAPROXY_PORT=27083
 
 BODY='portico bench backend: a fixed 100-byte body so every proxy moves the same bytes xxxxxxxxxxxxxxxxxx'
 
@@ -201,16 +201,18 @@ core_jiffies() {
     awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
-rustc_running() { pgrep -x rustc >/dev/null 2>&1; }
+# A build or test run on the shared box: cargo and the compilers it drives.
+BUILD_PROCS='cargo|rustc|clippy-driver|rustdoc|cc1|cc1plus|collect2|ld|ld.lld|ld.gold'
+rustc_running() { grep -qsxE "$BUILD_PROCS" /proc/[0-9]*/comm; }
 
 wait_quiet() {
     local waited=0
     while rustc_running && ((waited < QUIET_WAIT)); do
-        ((waited == 0)) && log "rustc is running (a build on this box); waiting up to ${QUIET_WAIT}s"
+        ((waited == 0)) && log "a build is running on this box ($(grep -hsxE "$BUILD_PROCS" /proc/[0-9]*/comm | sort -u | tr '\n' ' ')); waiting up to ${QUIET_WAIT}s"
         sleep 5
         waited=$((waited + 5))
     done
-    if rustc_running; then log "warning: measuring while rustc runs; results flagged contended"; fi
+    if rustc_running; then log "warning: measuring while a build runs; results flagged contended"; fi
 }
 
 # ------------------------------------------------------------------ proxies
@@ -259,10 +261,21 @@ RESULTS=""   # the JSONL file
 # record JSON — append one measurement.
 record() { echo "$1" >>"$RESULTS"; }
 
+# A sampler (on the load core, twice a second) that notes whether a build ran
+# at any moment of a test.
+monitor_start() {
+    rm -f "$WORK/contended"
+    taskset -c "$LOAD_CORE" bash -c "while :; do grep -qsxE '$BUILD_PROCS' /proc/[0-9]*/comm && touch '$WORK/contended'; sleep 0.5; done" &
+    MONITOR_PID=$!
+    STARTED+=("$MONITOR_PID")
+}
+
+monitor_stop() { stop "$MONITOR_PID" TERM; }
+
 # context NAME REP TEST — JSON fragment common to every record.
 context() {
     local contended=false
-    if rustc_running || [[ ${CONTENDED_BEFORE:-0} == 1 ]]; then contended=true; fi
+    if [[ -e $WORK/contended ]] || rustc_running; then contended=true; fi
     printf '{"proxy":"%s","repeat":%d,"test":"%s","contended":%s,"loadavg":"%s"}' \
         "$1" "$2" "$3" "$contended" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
@@ -270,15 +283,17 @@ context() {
 test_idle() {
     local name=$1 rep=$2 pids out
     mapfile -t pids < <(pid_tree "$PROXY_PID")
-    CONTENDED_BEFORE=$(rustc_running && echo 1 || echo 0)
+    monitor_start
     local args=()
     for p in "${pids[@]}"; do args+=(--pid "$p"); done
     log "$name: memory with $IDLE_CONNS idle keep-alive connections"
     out=$(taskset -c "$LOAD_CORE" timeout -k 5 180 "$LOADGEN" idle --url "http://127.0.0.1:$PROXY_PORT/" \
         -n "$IDLE_CONNS" --parallel 100 --settle 1 --timeout 5 "${args[@]}") || {
+        monitor_stop
         log "$name: idle test failed"
         return 0
     }
+    monitor_stop
     record "$(echo "$out" | $PY "$BENCH/summarize.py" merge "$(context "$name" "$rep" idle)")"
     log "$name: $(echo "$out" | grep -o '"established":[0-9]*,\|"bytes_per_conn":[^}]*' | tr -d '\n')"
 }
@@ -287,7 +302,7 @@ test_saturation() {
     local name=$1 rep=$2 pids
     local url="http://127.0.0.1:$PROXY_PORT/" wrkout="$WORK/wrk-$1-$2.txt"
     mapfile -t pids < <(pid_tree "$PROXY_PID")
-    CONTENDED_BEFORE=$(rustc_running && echo 1 || echo 0)
+    monitor_start
     log "$name: saturation, wrk -t1 -c$CONNS -d${SAT_SECS}s"
     taskset -c "$LOAD_CORE" timeout -k 5 30 wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null 2>&1 || true
     local t0 c0a c0b c1a c1b t1 ticks0 ticks1 hz s0 s1
@@ -315,6 +330,7 @@ out = {"proxy_cpu_us": cpu_us, "proxy_cpu_util": round(cpu_us / 1e6 / secs, 3) i
        "proxy_cpu_us_per_req": round(cpu_us / w["requests"], 2) if w.get("requests") else None,
        "core0_busy": float(sys.argv[4]), "core1_busy": float(sys.argv[5]), "connections": int(sys.argv[6])}
 print(json.dumps(out))' "$((ticks1 - ticks0))" "$hz" "$(awk -v a="$s0" -v b="$s1" 'BEGIN { print b - a }')" "$core0" "$core1" "$CONNS")
+    monitor_stop
     record "$(echo "$parsed" | $PY "$BENCH/summarize.py" merge "$extra" | $PY "$BENCH/summarize.py" merge "$(context "$name" "$rep" saturation)")"
     log "$name: $(grep 'Requests/sec' "$wrkout" || echo 'no Requests/sec in wrk output') (proxy core busy $core0, load core busy $core1)"
 }
@@ -322,7 +338,7 @@ print(json.dumps(out))' "$((ticks1 - ticks0))" "$hz" "$(awk -v a="$s0" -v b="$s1
 test_rate() {
     local name=$1 rep=$2 rate=$3 pids out
     mapfile -t pids < <(pid_tree "$PROXY_PID")
-    CONTENDED_BEFORE=$(rustc_running && echo 1 || echo 0)
+    monitor_start
     local args=()
     for p in "${pids[@]}"; do args+=(--pid "$p"); done
     log "$name: open loop at $rate req/s for ${RATE_SECS}s (+${WARMUP_SECS}s warm-up)"
@@ -331,12 +347,14 @@ test_rate() {
     out=$(taskset -c "$LOAD_CORE" timeout -k 5 $((RATE_SECS + WARMUP_SECS + 60)) "$LOADGEN" rate \
         --url "http://127.0.0.1:$PROXY_PORT/" -c "$CONNS" -R "$rate" -d "$RATE_SECS" \
         --warmup "$WARMUP_SECS" --timeout 5 "${args[@]}") || {
+        monitor_stop
         log "$name: rate test at $rate failed"
         return 0
     }
     read -r t0 t1 <<<"$(core_jiffies "$PROXY_CORE")"
     local core0
     core0=$(awk -v a="$c0a" -v b="$c0b" -v c="$t0" -v d="$t1" 'BEGIN { printf "%.3f", (d > b) ? (c - a) / (d - b) : 0 }')
+    monitor_stop
     record "$(echo "$out" | $PY "$BENCH/summarize.py" merge "{\"core0_busy\": $core0}" | $PY "$BENCH/summarize.py" merge "$(context "$name" "$rep" rate)")"
     log "$name: $(echo "$out" | grep -o '"achieved_rate":[^,]*\|"latency_us":{[^}]*}\|"cpu_us_per_req":[^,]*' | tr '\n' ' ')"
 }

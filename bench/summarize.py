@@ -87,7 +87,18 @@ def report(jsonl, meta_path, outdir):
         metrics.setdefault(name, {}).setdefault(proxy, []).append(value)
 
     status = {p: meta.get("status", {}).get(p, "ok") for p in proxies}
-    for r in rows:
+
+    # Measurements taken while a build ran on the box are dropped from a
+    # (proxy, test) group when the group has uncontended ones; otherwise they
+    # are kept and the proxy is marked with "*".
+    def group(r):
+        return (r["proxy"], r["test"], r.get("target_rate"))
+
+    clean_groups = {group(r) for r in rows if not r.get("contended")}
+    used = [r for r in rows if not r.get("contended") or group(r) not in clean_groups]
+    tainted = {r["proxy"] for r in used if r.get("contended")}
+    dropped = len(rows) - len(used)
+    for r in used:
         p = r["proxy"]
         if r["test"] == "saturation":
             add(p, "sat_rps", r.get("rps"))
@@ -137,7 +148,8 @@ def report(jsonl, meta_path, outdir):
         if status[p] != "ok":
             lines.append("| " + " | ".join([f"{p} ({status[p]})"] + ["—"] * (len(head) - 1)) + " |")
             continue
-        cells = [p, fmt(m("sat_rps", p)), ratio(m("sat_rps", p), m("sat_rps", "nginx"))]
+        label = p + (" *" if p in tainted else "")
+        cells = [label, fmt(m("sat_rps", p)), ratio(m("sat_rps", p), m("sat_rps", "nginx"))]
         for k in rates:
             cpu = m(f"cpu_{k}", p)
             flag = "" if (m(f"sustained_{k}", p) or 0) >= 1 else " (not sustained)"
@@ -149,6 +161,14 @@ def report(jsonl, meta_path, outdir):
         mem = m("mem_kib", p)
         cells += [fmt(mem, 1), ratio(mem, m("mem_kib", "nginx"))]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    if tainted:
+        notes.append("\\* some of this proxy's numbers were measured while a build ran on the machine (contended).")
+    if dropped:
+        notes.append(f"{dropped} contended measurement(s) dropped in favour of uncontended repeats.")
+    if notes:
+        lines.append("")
+        lines.extend(notes)
     table = "\n".join(lines)
 
     # Spread table (min–max over repeats) and validity columns.
@@ -186,6 +206,7 @@ def report(jsonl, meta_path, outdir):
 
     stamp = meta["stamp"]
     result = {"meta": meta, "summary": summary, "measurements": rows,
+              "contended_dropped": dropped, "contended_proxies": sorted(tainted),
               "table_markdown": table, "spread_markdown": spread_table}
     os.makedirs(outdir, exist_ok=True)
     jpath = os.path.join(outdir, f"results-{stamp}.json")

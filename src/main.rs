@@ -1,6 +1,8 @@
 //! `portico`: the command line entry point. It parses the command and hands over to
 //! `cli`; everything else lives in the library modules below.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

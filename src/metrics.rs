@@ -21,7 +21,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric. Start-up only: the definitions are static,
+    /// so a failure here is a programming error caught by the first test run.
+    #[allow(clippy::expect_used)]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(

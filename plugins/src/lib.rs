@@ -1,3 +1,4 @@
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 //! Portico's plugin API. A plugin is a value built once from its typed, strictly
 //! deserialized settings when a config is compiled; the gateway calls its hooks on the
 //! request path through a narrow context and never the other way round: this crate does

@@ -31,9 +31,12 @@ impl fmt::Display for ConfigError {
 }
 
 /// Where each path of the document starts: the key (for map entries) and the value.
+/// A line and column, both 1-based.
+pub type LineCol = (usize, usize);
+
 #[derive(Default, Debug)]
 pub struct Positions {
-    map: HashMap<String, (Option<(usize, usize)>, (usize, usize))>,
+    map: HashMap<String, (Option<LineCol>, LineCol)>,
 }
 
 impl Positions {
@@ -407,7 +410,7 @@ mod tests {
         let p = positions(text);
         assert_eq!(p.value("routes[0].match.path"), (4, 13));
         assert_eq!(p.key("routes[0].match.path"), (4, 7));
-        assert_eq!(p.value("routes[0].name"), (2, 13));
+        assert_eq!(p.value("routes[0].name"), (2, 11));
     }
 
     #[test]

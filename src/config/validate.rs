@@ -95,23 +95,17 @@ pub fn validate(
                 errs.at(&ep, "endpoint weight must be at least 1");
             }
         }
-        match (&u.hash_on, u.balance) {
-            (Some(h), _) => {
-                if !valid_hash_on(h) {
-                    errs.at(
-                        &format!("{p}.hash_on"),
-                        format!(
-                            "invalid hash_on `{h}` (header:NAME, cookie:NAME, client_ip, path or query:NAME)"
-                        ),
-                    );
-                } else if u.balance != Balance::ConsistentHash {
-                    errs.at(
-                        &format!("{p}.hash_on"),
-                        "hash_on needs `balance: consistent_hash`",
-                    );
-                }
+        if let Some(h) = &u.hash_on {
+            if !valid_hash_on(h) {
+                errs.at(
+                    &format!("{p}.hash_on"),
+                    format!(
+                        "invalid hash_on `{h}` (header:NAME, cookie:NAME, client_ip, path or query:NAME)"
+                    ),
+                );
+            } else if u.balance != Balance::ConsistentHash {
+                errs.at(&format!("{p}.hash_on"), "hash_on needs `balance: consistent_hash`");
             }
-            (None, _) => {}
         }
         if let Some(hc) = &u.health_check {
             let hp = format!("{p}.health_check");

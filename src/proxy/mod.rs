@@ -479,6 +479,19 @@ impl ProxyHttp for Proxy {
             respond::error(session, 503, "no_healthy_upstream", &msg, &ctx.request_id).await?;
             return Ok(true);
         }
+        // The request is routed and an endpoint is ready: invite the body now, as the
+        // upstream will only see the request once the gateway starts forwarding it.
+        let expects = session
+            .req_header()
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects {
+            session.req_header_mut().remove_header(&http::header::EXPECT);
+            if !session.is_http2() {
+                session.write_continue_response().await?;
+            }
+        }
         Ok(false)
     }
 
@@ -749,21 +762,17 @@ impl ProxyHttp for Proxy {
             | ErrorType::InvalidH2 => (400, "bad_request", "malformed request"),
             _ => (500, "internal", "internal gateway error"),
         };
-        if ctx.endpoint.is_some() || ctx.last_endpoint.is_some() {
-            if !ctx.upstream_counted
-                && status != 0
-                && !matches!(
-                    e.etype(),
-                    ErrorType::ConnectTimedout
-                        | ErrorType::ConnectRefused
-                        | ErrorType::ConnectNoRoute
-                        | ErrorType::ConnectError
-                )
-            {
-                ctx.upstream_counted = true;
-                let outcome = if status == 504 { "timeout" } else { "reset" };
-                self.count_try(ctx, outcome);
-            }
+        let connect_error = matches!(
+            e.etype(),
+            ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectError
+        );
+        if ctx.last_endpoint.is_some() && !ctx.upstream_counted && status != 0 && !connect_error {
+            ctx.upstream_counted = true;
+            let outcome = if status == 504 { "timeout" } else { "reset" };
+            self.count_try(ctx, outcome);
         }
         ctx.error_code = Some(code);
         let written = session.response_written().is_some();

@@ -264,8 +264,8 @@ def test_request_and_response_header_rules(env):
 
 def test_strip_prefix(env):
     gw = env["gw"]
-    _, seen = echo_req(gw, "/strip/users/7?x=1")
-    assert seen["path"] == "/users/7", seen
+    _, seen = echo_req(gw, "/strip/items/7?x=1")
+    assert seen["path"] == "/items/7", seen
     assert query_of(seen) == "x=1", seen
     _, seen = echo_req(gw, "/strip")
     assert seen["path"] == "/", seen
@@ -358,7 +358,7 @@ def test_access_log(env):
     assert isinstance(e["duration_ms"], (int, float)) and e["duration_ms"] >= 0, e
     assert isinstance(e["time"], str) and e["time"], e
     e2 = wait_until(lambda: find("access-log-probe-2"), 10, what="access log line for the respond route")
-    assert e2["route"] == "teapot" and e2["status"] == 200 and e2["upstream"] is None, e2
+    assert e2["route"] == "teapot" and e2["status"] == 200 and e2["upstream"] in (None, ""), e2
     # every line is a JSON object with every field
     for entry in gw.access_log_entries():
         missing = [f for f in ACCESS_FIELDS if f not in entry]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing Portico needs on a fresh Debian machine that has
+# only the Rust toolchain, gcc, python3 and git: cmake (Pingora's zlib-ng), pkg-config
+# and the OpenSSL headers (Pingora's TLS), curl, and pytest for the end-to-end suite.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+for extra in "$@"; do
+  case "$extra" in
+    bench) for p in nginx-light:nginx haproxy:haproxy wrk:wrk nghttp2-client:h2load; do
+             command -v "${p#*:}" >/dev/null 2>&1 || need+=("${p%%:*}"); done ;;
+  esac
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! python3 -c 'import pytest' >/dev/null 2>&1; then
+  echo "setup: installing pytest" >&2
+  python3 -m pip install -q pytest >/dev/null
+fi
