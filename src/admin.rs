@@ -107,6 +107,7 @@ fn upstreams_json(snap: &Snapshot) -> Value {
                     "healthy": e.available(),
                     "health_check_ok": e.healthy.load(Ordering::Relaxed),
                     "ejected": e.ejected_until.load(Ordering::Relaxed) > crate::upstream::now_ms(),
+                    "circuit_open": e.breaker.is_open(),
                     "inflight": e.inflight.load(Ordering::Relaxed),
                 })
             })
@@ -136,6 +137,11 @@ impl Admin {
 
     fn refresh_health_gauges(&self, snap: &Snapshot) {
         for (name, up) in &snap.upstreams {
+            self.gw
+                .metrics
+                .breaker_open
+                .with_label_values(&[name])
+                .set(up.open_breakers() as i64);
             for e in &up.endpoints {
                 self.gw
                     .metrics

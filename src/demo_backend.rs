@@ -3,6 +3,11 @@
 //! `/healthz`, fake `/users/{id}` and `/orders?user=ID` data, streams `/bytes/N`, and
 //! obeys `?delay=250ms` and `?status=503`. Request bodies are read and counted in
 //! chunks, never held whole, so gigabyte uploads pass through in constant memory.
+//!
+//! For resilience tests it can misbehave on cue: `?reset=0.3` drops the connection
+//! after reading the request, before answering, for that share of requests, and `PUT /_control/mode/{ok|fail|hang|reset}`
+//! switches every later request to answer normally, 503, never, or by a reset.
+//! `GET /_stats` counts the requests served (control, stats and health requests aside).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -12,11 +17,20 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use serde_json::json;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 struct Demo {
     name: String,
     port: u16,
+    /// 0 ok, 1 fail (503), 2 hang, 3 reset.
+    mode: AtomicU8,
+    requests: AtomicU64,
+}
+
+/// The demo backend's way of saying "drop this connection now".
+fn reset_error() -> pingora::BError {
+    pingora::Error::explain(pingora::ErrorType::ConnectionClosed, "reset on purpose")
 }
 
 fn query_param<'a>(q: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -45,11 +59,60 @@ impl Demo {
                 tokio::time::sleep(d.min(std::time::Duration::from_secs(300))).await;
             }
         }
-        let status: u16 = query_param(query.as_deref(), "status")
+        let mut status: u16 = query_param(query.as_deref(), "status")
             .and_then(|s| s.parse().ok())
             .filter(|s| (200..600).contains(s))
             .unwrap_or(200);
         let served_by = format!("{}:{}", self.name, self.port);
+        if let Some(mode) = path.strip_prefix("/_control/mode/") {
+            let m = match mode {
+                "ok" => 0,
+                "fail" => 1,
+                "hang" => 2,
+                "reset" => 3,
+                _ => 255,
+            };
+            if m != 255 {
+                self.mode.store(m, Ordering::SeqCst);
+            }
+            return self
+                .small(
+                    s,
+                    if m == 255 { 400 } else { 200 },
+                    &served_by,
+                    json!({"mode": mode}),
+                )
+                .await;
+        }
+        if path == "/_stats" {
+            let n = self.requests.load(Ordering::SeqCst);
+            return self
+                .small(
+                    s,
+                    200,
+                    &served_by,
+                    json!({"requests": n, "service": self.name, "port": self.port}),
+                )
+                .await;
+        }
+        if path != "/healthz" {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+        }
+        let reset_share: f64 = query_param(query.as_deref(), "reset")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0.0);
+        match self.mode.load(Ordering::SeqCst) {
+            1 if path != "/healthz" => status = 503,
+            2 if path != "/healthz" => {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+            3 if path != "/healthz" => return Err(reset_error()),
+            _ => {}
+        }
+        if reset_share > 0.0 && rand::random::<f64>() < reset_share {
+            // The request was read; the connection drops before any answer.
+            return Err(reset_error());
+        }
 
         if let Some(n) = path
             .strip_prefix("/bytes/")
@@ -125,6 +188,26 @@ impl Demo {
     }
 }
 
+impl Demo {
+    async fn small(
+        &self,
+        s: &mut ServerSession,
+        status: u16,
+        served_by: &str,
+        v: serde_json::Value,
+    ) -> pingora::Result<()> {
+        let mut out = serde_json::to_vec(&v).unwrap_or_default();
+        out.push(b'\n');
+        let mut resp = ResponseHeader::build(status, Some(3))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", out.len().to_string())?;
+        resp.insert_header("x-served-by", served_by)?;
+        s.write_response_header(Box::new(resp)).await?;
+        s.write_response_body(Bytes::from(out), true).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl HttpServerApp for Demo {
     async fn process_new_http(
@@ -169,6 +252,8 @@ pub fn run(name: String, bind: &str, port: u16) -> i32 {
         Demo {
             name: name.clone(),
             port,
+            mode: AtomicU8::new(0),
+            requests: AtomicU64::new(0),
         },
     );
     svc.add_tcp(&addr);

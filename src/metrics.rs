@@ -18,6 +18,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub config_version: IntGauge,
     pub plugin_rejections: IntCounterVec,
+    pub breaker_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -78,6 +79,14 @@ impl Metrics {
             &["route", "plugin", "status"],
         )
         .expect("static metric definition");
+        let breaker_open = IntGaugeVec::new(
+            Opts::new(
+                "portico_circuit_breaker_open",
+                "Endpoints of the upstream whose circuit breaker is open or half-open",
+            ),
+            &["upstream"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -87,6 +96,7 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(config_version.clone()),
             Box::new(plugin_rejections.clone()),
+            Box::new(breaker_open.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -102,6 +112,7 @@ impl Metrics {
             reloads,
             config_version,
             plugin_rejections,
+            breaker_open,
         }
     }
 

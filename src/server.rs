@@ -175,23 +175,37 @@ pub fn run(path: PathBuf) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy {
-            gw: Arc::clone(&gw),
-            scheme: "http",
-            keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
-        },
-        "portico",
-    );
+    // One proxy service per protocol setting: listeners with `http2: true` also accept
+    // HTTP/2 with prior knowledge (h2c) next to HTTP/1.1.
     let l4 = L4BufferSettings {
         read: Some(16 * 1024),
         write: None,
     };
     let mut addrs = vec![];
-    for l in &cfg.listeners {
-        proxy.add_listener(ListenerConfig::tcp(&l.bind).l4_buffer(l4));
-        addrs.push(l.bind.clone());
+    for h2c in [false, true] {
+        let group: Vec<_> = cfg.listeners.iter().filter(|l| l.http2 == h2c).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Proxy {
+                gw: Arc::clone(&gw),
+                scheme: "http",
+                keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
+            },
+            if h2c { "portico-h2c" } else { "portico" },
+        );
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut opts = pingora::apps::HttpServerOptions::default();
+            opts.h2c = h2c;
+            app.server_options = Some(opts);
+        }
+        for l in group {
+            proxy.add_listener(ListenerConfig::tcp(&l.bind).l4_buffer(l4));
+            addrs.push(l.bind.clone());
+        }
+        server.add_service(proxy);
     }
     let mut admin = pingora::services::listening::Service::new(
         "portico-admin".to_string(),
@@ -201,7 +215,6 @@ pub fn run(path: PathBuf) -> i32 {
         },
     );
     admin.add_tcp(&cfg.admin.bind);
-    server.add_service(proxy);
     server.add_service(admin);
 
     if let Err(e) = crate::reload::watch(Arc::clone(&gw), cfg.server.watch_debounce.0) {

@@ -88,6 +88,45 @@ impl HeaderEdit {
     }
 }
 
+/// A route's compiled retry policy.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_timeout: bool,
+    pub on_status: Vec<u16>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub non_idempotent: bool,
+}
+
+impl RetryPolicy {
+    fn compile(r: &model::Retries) -> RetryPolicy {
+        let has = |k: &str| r.on.iter().any(|o| o == k);
+        RetryPolicy {
+            attempts: r.attempts,
+            on_connect_failure: has("connect_failure"),
+            on_reset: has("reset"),
+            on_timeout: has("timeout"),
+            on_status: r.on.iter().filter_map(|o| o.parse().ok()).collect(),
+            backoff_base: r.backoff.base.0,
+            backoff_max: r.backoff.max.0,
+            non_idempotent: r.non_idempotent,
+        }
+    }
+
+    /// Full-jitter exponential backoff before retry number `n` (1-based).
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(self.backoff_max);
+        exp.mul_f64(rand::random::<f64>())
+    }
+}
+
 /// A compiled route.
 pub struct Route {
     pub name: Arc<str>,
@@ -95,7 +134,9 @@ pub struct Route {
     pub action: Action,
     pub strip_prefix: Option<String>,
     pub rewrite: Option<(regex::Regex, String)>,
+    /// Total time for the upstream to answer, across retries.
     pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
     pub request_headers: HeaderEdit,
     pub response_headers: HeaderEdit,
     /// Global plugins first, then the route's own, in written order.
@@ -113,6 +154,9 @@ pub struct Snapshot {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Every plugin instance with its scope (`""` for global, else the route name) and
+    /// config entry, so the next compile can reuse instances whose settings are equal.
+    pub plugin_instances: Vec<(String, serde_yaml::Value, Arc<dyn Plugin>)>,
 }
 
 /// Compiles a validated config. `rt` (when serving) runs the health checkers.
@@ -132,6 +176,7 @@ pub fn compile(
                 let up = Arc::new(Upstream::compile(name, spec, old.map(|o| o.as_ref())));
                 if let Some(rt) = rt {
                     health::spawn(rt, &up);
+                    crate::upstream::outlier::spawn(rt, &up);
                 }
                 up
             }
@@ -139,10 +184,28 @@ pub fn compile(
         upstreams.insert(name.clone(), up);
     }
     let registry = portico_plugins::Registry::builtin();
+    let mut instances: Vec<(String, serde_yaml::Value, Arc<dyn Plugin>)> = vec![];
+    // A plugin whose scope and settings are unchanged keeps its instance (and state,
+    // such as rate-limit buckets) across reloads.
+    let mut instance =
+        |scope: &str, entry: &serde_yaml::Value| -> Result<Arc<dyn Plugin>, String> {
+            let reused = prev.and_then(|p| {
+                p.plugin_instances
+                    .iter()
+                    .find(|(s, e, _)| s == scope && e == entry)
+                    .map(|(_, _, i)| Arc::clone(i))
+            });
+            let inst = match reused {
+                Some(i) => i,
+                None => registry.build(entry).map_err(|e| e.to_string())?,
+            };
+            instances.push((scope.to_string(), entry.clone(), Arc::clone(&inst)));
+            Ok(inst)
+        };
     let global: Vec<Arc<dyn Plugin>> = cfg
         .plugins
         .iter()
-        .map(|e| registry.build(e).map_err(|e| e.to_string()))
+        .map(|e| instance("", e))
         .collect::<Result<_, _>>()?;
     let mut routes = vec![];
     for (index, r) in cfg.routes.iter().enumerate() {
@@ -205,7 +268,7 @@ pub fn compile(
         };
         let mut plugins = global.clone();
         for e in &r.plugins {
-            plugins.push(registry.build(e).map_err(|e| e.to_string())?);
+            plugins.push(instance(&r.name, e)?);
         }
         let headers = r.headers.clone().unwrap_or_default();
         routes.push((
@@ -216,6 +279,7 @@ pub fn compile(
                 strip_prefix,
                 rewrite,
                 timeout: r.timeout.map(|d| d.0),
+                retry: r.retries.as_ref().map(RetryPolicy::compile),
                 request_headers: HeaderEdit::compile(&headers.request),
                 response_headers: HeaderEdit::compile(&headers.response),
                 plugins,
@@ -236,5 +300,6 @@ pub fn compile(
             .collect(),
         max_header_bytes: cfg.server.max_header_bytes.0 as usize,
         max_headers: cfg.server.max_headers,
+        plugin_instances: instances,
     })
 }

@@ -6,6 +6,19 @@
 //! (no life-before-main); a chain runs in the order the config lists it, and a hook's
 //! result is an explicit [`Flow`]: go on, or answer the client with this response.
 
+pub mod api_key;
+pub mod basic_auth;
+pub mod compression;
+pub mod cors;
+pub mod headers;
+pub mod ip_filter;
+pub mod jwks;
+pub mod jwt;
+pub mod rate_limit;
+pub mod request_size;
+pub mod units;
+pub mod util;
+
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,26 +29,44 @@ use std::sync::Arc;
 pub enum Flow {
     /// Go on with the next plugin / the proxy.
     Continue,
-    /// Answer the client with this response; nothing reaches the upstream.
+    /// Answer the client with this response; nothing (more) reaches the upstream.
     Respond(Reply),
 }
 
 /// A response made by a plugin.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The HTTP status.
     pub status: u16,
+    /// Header fields, in order (the gateway adds `x-request-id` and the context's
+    /// `response_headers`).
     pub headers: Vec<(String, String)>,
+    /// The whole body.
     pub body: Bytes,
 }
 
-/// The request as plugins see it: method, path, query and headers (read-only), and
-/// the header edits plugins ask for, applied by the gateway in order after the chain.
-pub struct RequestView<'a> {
-    pub method: &'a http::Method,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub headers: &'a http::HeaderMap,
-    pub edits: &'a mut HeaderEdits,
+impl Reply {
+    /// A JSON error in the gateway's format: `{"error", "message", "request_id"}`.
+    pub fn error(status: u16, code: &str, message: &str, ctx: &Context) -> Reply {
+        let body = serde_json::json!({
+            "error": code,
+            "message": message,
+            "request_id": ctx.request_id,
+        });
+        let mut b = serde_json::to_vec(&body).unwrap_or_default();
+        b.push(b'\n');
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(b),
+        }
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Reply {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
 }
 
 /// Header changes requested by plugins.
@@ -45,28 +76,151 @@ pub struct HeaderEdits {
     pub remove: Vec<http::HeaderName>,
     /// Then set (replacing any value).
     pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Then appended as further lines, keeping the values already there.
+    pub append: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
-/// The narrow per-request context handed to plugins.
-pub struct Context<'a> {
-    pub request_id: &'a str,
-    pub route: &'a str,
-    pub params: &'a [(String, String)],
+impl HeaderEdits {
+    /// Removes `name` and forgets any earlier `set`/`append` of it in these edits.
+    pub fn remove(&mut self, name: http::HeaderName) {
+        self.set.retain(|(k, _)| *k != name);
+        self.append.retain(|(k, _)| *k != name);
+        if !self.remove.contains(&name) {
+            self.remove.push(name);
+        }
+    }
+
+    /// Sets `name` to `value`, replacing an earlier `set` of it in these edits.
+    pub fn set(&mut self, name: http::HeaderName, value: http::HeaderValue) {
+        self.set.retain(|(k, _)| *k != name);
+        self.set.push((name, value));
+    }
+}
+
+/// Adds `token` to the response's `Vary` list, merging the upstream's value and what
+/// earlier plugins of the chain already asked for (they share `resp.edits`), so two
+/// plugins that both vary the response (CORS on `Origin`, compression on
+/// `Accept-Encoding`) never overwrite each other.
+pub fn add_vary(resp: &mut ResponseView<'_>, token: &str) {
+    let vary = http::header::VARY;
+    let current: String = match resp.edits.set.iter().rev().find(|(k, _)| *k == vary) {
+        Some((_, v)) => v.to_str().unwrap_or("").to_string(),
+        None if resp.edits.remove.contains(&vary) => String::new(),
+        None => resp
+            .headers
+            .get_all(&vary)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let present = current.split(',').any(|t| {
+        let t = t.trim();
+        t == "*" || t.eq_ignore_ascii_case(token)
+    });
+    if present {
+        return;
+    }
+    let merged = if current.trim().is_empty() {
+        token.to_string()
+    } else {
+        format!("{current}, {token}")
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&merged) {
+        resp.edits.set(vary, v);
+    }
+}
+
+/// Deserializes a plugin's settings strictly into `T` (a `#[serde(deny_unknown_fields)]`
+/// struct). An entry written without settings (`- cors:`) counts as an empty map.
+pub fn settings<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value) -> Result<T, String> {
+    let empty = serde_yaml::Value::Mapping(serde_yaml::Mapping::new());
+    let v = if v.is_null() { &empty } else { v };
+    serde_yaml::from_value(v.clone()).map_err(|e| e.to_string())
+}
+
+/// The request as plugins see it: method, path, query and headers (read-only), and
+/// the header edits plugins ask for, applied by the gateway before the request goes
+/// upstream (later plugins see the original headers, not the edits).
+pub struct RequestView<'a> {
+    /// The request method.
+    pub method: &'a http::Method,
+    /// The normalized path (no query).
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The request headers as the client sent them.
+    pub headers: &'a http::HeaderMap,
+    /// Header changes for the upstream request, shared by the whole chain.
+    pub edits: &'a mut HeaderEdits,
+}
+
+/// The response header as plugins see it, with the request's method and headers.
+pub struct ResponseView<'a> {
+    /// The response status.
+    pub status: u16,
+    /// The response headers as the upstream sent them.
+    pub headers: &'a http::HeaderMap,
+    /// Header changes for the client's response, shared by the whole chain.
+    pub edits: &'a mut HeaderEdits,
+    /// The request's method.
+    pub request_method: &'a http::Method,
+    /// The request's headers as the client sent them.
+    pub request_headers: &'a http::HeaderMap,
+}
+
+/// The narrow per-request context handed to plugins. It lives for the whole request,
+/// so what one hook (or one plugin) learns, a later one can use.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// The request id (`x-request-id`).
+    pub request_id: String,
+    /// The route's name.
+    pub route: Arc<str>,
+    /// Path parameters of the route (`{id}` segments, named regex groups).
+    pub params: Vec<(String, String)>,
+    /// The client's address (after `trusted_proxies`).
     pub client_ip: Option<IpAddr>,
-    /// Set by an authentication plugin; read by later plugins (rate-limit keys).
+    /// Who the request is from, set by an authentication plugin.
     pub consumer: Option<String>,
+    /// Verified JWT claims, set by the `jwt` plugin.
+    pub claims: Option<serde_json::Value>,
+    /// Headers added to whatever response the client gets (also to rejections).
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
-/// A plugin instance. Every hook has a default that does nothing.
+/// A per-response body transformer (compression, ...), made by `on_response`.
+pub trait BodyFilter: Send + Sync {
+    /// Takes the next chunk (`None` when the upstream sent none) and returns what to
+    /// send instead; `end` is true on the last call.
+    fn filter(&mut self, chunk: Option<Bytes>, end: bool) -> Option<Bytes>;
+}
+
+/// A plugin instance. Every hook has a default that does nothing; hooks are called in
+/// the chain's order (global plugins first, then the route's).
+#[async_trait::async_trait]
 pub trait Plugin: Send + Sync {
     /// The config name (`jwt`, `rate_limit`, ...).
     fn name(&self) -> &'static str;
-    /// Runs before routing to the upstream; may answer the request itself.
-    fn on_request(&self, _req: &mut RequestView<'_>, _ctx: &mut Context<'_>) -> Flow {
+    /// After routing, before anything goes upstream; may answer the request itself.
+    async fn on_request(&self, _req: &mut RequestView<'_>, _ctx: &mut Context) -> Flow {
         Flow::Continue
     }
-    /// Edits the response headers before they go to the client.
-    fn on_response(&self, _status: u16, _headers: &mut http::HeaderMap, _ctx: &Context<'_>) {}
+    /// Each chunk of the request body as it streams to the upstream (`len` bytes so
+    /// far, including this chunk). Answering stops the request (e.g. 413).
+    fn on_request_body(&self, _chunk: Option<&Bytes>, _total: u64, _ctx: &mut Context) -> Flow {
+        Flow::Continue
+    }
+    /// The response header, before it goes to the client; may return a body filter.
+    fn on_response(
+        &self,
+        _resp: &mut ResponseView<'_>,
+        _ctx: &mut Context,
+    ) -> Option<Box<dyn BodyFilter>> {
+        None
+    }
+    /// After the response is done (status 0 if none was sent).
+    fn on_log(&self, _status: u16, _ctx: &Context) {}
 }
 
 /// Builds plugin instances of one kind from their settings.
@@ -85,7 +239,12 @@ pub enum EntryError {
     Shape(String),
     /// The plugin refused its settings.
     #[error("plugin `{plugin}`: {message}")]
-    Settings { plugin: String, message: String },
+    Settings {
+        /// The plugin's name.
+        plugin: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The known plugin factories, by name.
@@ -97,8 +256,17 @@ pub struct Registry {
 impl Registry {
     /// The registry with every built-in plugin.
     pub fn builtin() -> Registry {
-        // Built-in plugins are registered here explicitly as they land.
-        Registry::default()
+        let mut r = Registry::default();
+        r.register(Arc::new(jwt::JwtFactory));
+        r.register(Arc::new(api_key::ApiKeyFactory));
+        r.register(Arc::new(basic_auth::BasicAuthFactory));
+        r.register(Arc::new(rate_limit::RateLimitFactory));
+        r.register(Arc::new(compression::CompressionFactory));
+        r.register(Arc::new(cors::CorsFactory));
+        r.register(Arc::new(ip_filter::IpFilterFactory));
+        r.register(Arc::new(request_size::RequestSizeFactory));
+        r.register(Arc::new(headers::HeadersFactory));
+        r
     }
 
     /// Adds a factory.
@@ -153,21 +321,209 @@ impl Registry {
     }
 }
 
+/// Helpers for the plugins' unit tests: requests, contexts and hook runners.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// A request for tests.
+    pub struct Req {
+        pub method: http::Method,
+        pub path: String,
+        pub query: Option<String>,
+        pub headers: http::HeaderMap,
+    }
+
+    impl Req {
+        /// `GET path?query`.
+        pub fn get(target: &str) -> Req {
+            Req::new("GET", target)
+        }
+        /// `METHOD path?query`.
+        pub fn new(method: &str, target: &str) -> Req {
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                None => (target.to_string(), None),
+            };
+            Req {
+                method: method.parse().unwrap(),
+                path,
+                query,
+                headers: http::HeaderMap::new(),
+            }
+        }
+        /// Adds a header.
+        pub fn header(mut self, k: &str, v: &str) -> Req {
+            self.headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+            self
+        }
+    }
+
+    /// A context as the gateway makes it, from 127.0.0.1 on route `r`.
+    pub fn ctx() -> Context {
+        Context {
+            request_id: "req-1".into(),
+            route: Arc::from("r"),
+            client_ip: Some("127.0.0.1".parse().unwrap()),
+            ..Context::default()
+        }
+    }
+
+    /// Builds a plugin from `NAME: settings` YAML with the built-in registry.
+    pub fn build(yaml: &str) -> Result<Arc<dyn Plugin>, String> {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        Registry::builtin().build(&v).map_err(|e| e.to_string())
+    }
+
+    /// Runs `on_request`; returns the flow and the header edits.
+    pub async fn request(p: &dyn Plugin, r: &Req, ctx: &mut Context) -> (Flow, HeaderEdits) {
+        let mut edits = HeaderEdits::default();
+        let mut view = RequestView {
+            method: &r.method,
+            path: &r.path,
+            query: r.query.as_deref(),
+            headers: &r.headers,
+            edits: &mut edits,
+        };
+        let flow = p.on_request(&mut view, ctx).await;
+        (flow, edits)
+    }
+
+    /// Runs `on_response` for a response with `status` and `headers`.
+    pub fn response(
+        p: &dyn Plugin,
+        r: &Req,
+        status: u16,
+        headers: &[(&str, &str)],
+        ctx: &mut Context,
+    ) -> (Option<Box<dyn BodyFilter>>, HeaderEdits) {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut edits = HeaderEdits::default();
+        let mut view = ResponseView {
+            status,
+            headers: &h,
+            edits: &mut edits,
+            request_method: &r.method,
+            request_headers: &r.headers,
+        };
+        let f = p.on_response(&mut view, ctx);
+        (f, edits)
+    }
+
+    /// The reply of a flow that must be a reply.
+    pub fn reply(f: Flow) -> Reply {
+        match f {
+            Flow::Respond(r) => r,
+            Flow::Continue => panic!("expected a reply, got Continue"),
+        }
+    }
+
+    /// A reply's header.
+    pub fn reply_header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value an edit sets for `name`.
+    pub fn set_value(e: &HeaderEdits, name: &str) -> Option<String> {
+        e.set
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.to_str().unwrap().to_string())
+    }
+
+    /// The context's response header `name`.
+    pub fn ctx_header(c: &Context, name: &str) -> Option<String> {
+        c.response_headers
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.to_str().unwrap().to_string())
+    }
+
+    /// A fresh temporary folder for one test.
+    pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "portico-plugins-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn vary_merges_across_plugins() {
+        let mut h = http::HeaderMap::new();
+        h.insert("vary", "Cookie".parse().unwrap());
+        let mut edits = HeaderEdits::default();
+        let m = http::Method::GET;
+        let rh = http::HeaderMap::new();
+        let mut view = ResponseView {
+            status: 200,
+            headers: &h,
+            edits: &mut edits,
+            request_method: &m,
+            request_headers: &rh,
+        };
+        add_vary(&mut view, "Origin");
+        add_vary(&mut view, "Accept-Encoding");
+        add_vary(&mut view, "origin");
+        assert_eq!(edits.set.len(), 1);
+        assert_eq!(edits.set[0].1, "Cookie, Origin, Accept-Encoding");
+    }
+
+    #[test]
+    fn builtin_names() {
+        assert_eq!(
+            Registry::builtin().names(),
+            [
+                "api_key",
+                "basic_auth",
+                "compression",
+                "cors",
+                "headers",
+                "ip_filter",
+                "jwt",
+                "rate_limit",
+                "request_size"
+            ]
+        );
+    }
+
+    #[test]
+    fn settings_are_strict() {
+        let v: serde_yaml::Value =
+            serde_yaml::from_str("ip_filter: { allow: [1.2.3.4], bogus: 1 }").unwrap();
+        let e = Registry::builtin().build(&v).err().unwrap().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
     struct Deny;
+    #[async_trait::async_trait]
     impl Plugin for Deny {
         fn name(&self) -> &'static str {
             "deny"
         }
-        fn on_request(&self, _r: &mut RequestView<'_>, _c: &mut Context<'_>) -> Flow {
-            Flow::Respond(Reply {
-                status: 403,
-                headers: vec![],
-                body: Bytes::from_static(b"no"),
-            })
+        async fn on_request(&self, _r: &mut RequestView<'_>, c: &mut Context) -> Flow {
+            Flow::Respond(Reply::error(403, "denied", "no", c))
         }
     }
     struct DenyFactory;

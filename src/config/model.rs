@@ -171,7 +171,11 @@ pub struct Upstream {
     #[serde(default)]
     pub passive_health: Option<PassiveHealth>,
     #[serde(default)]
-    pub circuit_breaker: Option<serde_yaml::Value>,
+    pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Host header sent to this upstream instead of the client's.
@@ -344,7 +348,7 @@ pub struct Route {
     #[serde(default)]
     pub timeout: Option<Dur>,
     #[serde(default)]
-    pub retries: Option<serde_yaml::Value>,
+    pub retries: Option<Retries>,
     #[serde(default)]
     pub headers: Option<HeaderRules>,
     #[serde(default)]
@@ -465,3 +469,173 @@ pub struct HeaderEdit {
 
 /// A plugin entry: a one-key map `NAME: settings`, checked by the plugin registry.
 pub type PluginEntry = serde_yaml::Value;
+
+/// Per-endpoint circuit breaker and upstream-wide concurrency limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Open after this many failures in a row (5xx answers, connect failures, resets).
+    #[serde(default = "default_cb_failures")]
+    pub consecutive_failures: u32,
+    /// Or open when this share of requests in `window` failed (0 disables), once the
+    /// window holds at least `min_requests`.
+    #[serde(default)]
+    pub failure_ratio: Option<RatioValue>,
+    #[serde(default = "default_window")]
+    pub window: Dur,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// Open this long, then half-open: one trial request decides.
+    #[serde(default = "default_open_for")]
+    pub open_for: Dur,
+    /// Most requests in flight to the whole upstream (0 = no limit); beyond, 503 at once.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Accepted for compatibility: the gateway never queues, so pending requests are
+    /// answered 503 as soon as `max_connections` is reached.
+    #[serde(default)]
+    pub max_pending: u32,
+}
+
+/// A ratio written as a number between 0 and 1.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(transparent)]
+pub struct RatioValue(pub f64);
+impl Eq for RatioValue {}
+impl std::hash::Hash for RatioValue {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.to_bits().hash(h)
+    }
+}
+
+fn default_cb_failures() -> u32 {
+    5
+}
+fn default_window() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_open_for() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+/// Ejects endpoints whose 5xx rate is far above their peers'.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// How often rates are compared.
+    #[serde(default = "default_outlier_interval")]
+    pub interval: Dur,
+    /// An endpoint is an outlier when its 5xx rate is this many times its peers' mean…
+    #[serde(default = "default_outlier_factor")]
+    pub factor: RatioValue,
+    /// …and at least this rate (so 1% vs 0.1% is not an outlier).
+    #[serde(default = "default_outlier_min_rate")]
+    pub min_rate: RatioValue,
+    /// Requests an endpoint needs in an interval to be judged.
+    #[serde(default = "default_outlier_min_requests")]
+    pub min_requests: u32,
+    /// First ejection time; each further ejection adds this much.
+    #[serde(default = "default_outlier_ejection")]
+    pub base_ejection: Dur,
+    /// Never eject more than this percentage of the upstream's endpoints.
+    #[serde(default = "default_outlier_max_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_outlier_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_outlier_factor() -> RatioValue {
+    RatioValue(3.0)
+}
+fn default_outlier_min_rate() -> RatioValue {
+    RatioValue(0.2)
+}
+fn default_outlier_min_requests() -> u32 {
+    10
+}
+fn default_outlier_ejection() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_outlier_max_percent() -> u32 {
+    50
+}
+
+/// Limits retries to a share of requests so failures cannot turn into a retry storm.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries allowed per request sent (0.2 = 20%).
+    #[serde(default = "default_budget_ratio")]
+    pub ratio: RatioValue,
+    /// Retries always allowed per second, whatever the traffic.
+    #[serde(default = "default_budget_floor")]
+    pub min_per_second: u32,
+}
+
+fn default_budget_ratio() -> RatioValue {
+    RatioValue(0.2)
+}
+fn default_budget_floor() -> u32 {
+    3
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            ratio: default_budget_ratio(),
+            min_per_second: default_budget_floor(),
+        }
+    }
+}
+
+/// A route's retry policy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// When to retry: `connect_failure`, `reset`, `timeout`, and status codes ("503").
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<String>,
+    /// Exponential backoff between tries, with full jitter.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Retry methods that are not idempotent (POST, PATCH) too. Off by default: those
+    /// are retried only when they carry an `Idempotency-Key` header.
+    #[serde(default)]
+    pub non_idempotent: bool,
+}
+
+fn default_retry_on() -> Vec<String> {
+    vec!["connect_failure".into(), "reset".into(), "timeout".into()]
+}
+
+/// Backoff bounds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "default_backoff_base")]
+    pub base: Dur,
+    #[serde(default = "default_backoff_max")]
+    pub max: Dur,
+}
+
+fn default_backoff_base() -> Dur {
+    Dur(std::time::Duration::from_millis(10))
+}
+fn default_backoff_max() -> Dur {
+    Dur(std::time::Duration::from_millis(250))
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}

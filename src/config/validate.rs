@@ -104,7 +104,10 @@ pub fn validate(
                     ),
                 );
             } else if u.balance != Balance::ConsistentHash {
-                errs.at(&format!("{p}.hash_on"), "hash_on needs `balance: consistent_hash`");
+                errs.at(
+                    &format!("{p}.hash_on"),
+                    "hash_on needs `balance: consistent_hash`",
+                );
             }
         }
         if let Some(hc) = &u.health_check {
@@ -137,10 +140,39 @@ pub fn validate(
                 "upstream TLS is not supported by this build yet",
             );
         }
-        if u.circuit_breaker.is_some() {
+        if let Some(cb) = &u.circuit_breaker {
+            let cp = format!("{p}.circuit_breaker");
+            if cb.consecutive_failures == 0 {
+                errs.at(&format!("{cp}.consecutive_failures"), "must be at least 1");
+            }
+            if let Some(r) = cb.failure_ratio {
+                if !(0.0..=1.0).contains(&r.0) {
+                    errs.at(&format!("{cp}.failure_ratio"), "must be between 0 and 1");
+                }
+            }
+            if cb.open_for.0.is_zero() {
+                errs.at(&format!("{cp}.open_for"), "must be above zero");
+            }
+            if cb.window.0.is_zero() {
+                errs.at(&format!("{cp}.window"), "must be above zero");
+            }
+        }
+        if let Some(od) = &u.outlier_detection {
+            let op = format!("{p}.outlier_detection");
+            if od.interval.0.is_zero() {
+                errs.at(&format!("{op}.interval"), "must be above zero");
+            }
+            if od.factor.0 <= 1.0 {
+                errs.at(&format!("{op}.factor"), "must be above 1");
+            }
+            if od.max_ejection_percent > 100 {
+                errs.at(&format!("{op}.max_ejection_percent"), "must be at most 100");
+            }
+        }
+        if !(0.0..=10.0).contains(&u.retry_budget.ratio.0) {
             errs.at(
-                &format!("{p}.circuit_breaker"),
-                "circuit breakers are not supported by this build yet",
+                &format!("{p}.retry_budget.ratio"),
+                "must be between 0 and 10",
             );
         }
         if let Some(h) = &u.host {
@@ -351,11 +383,28 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
             "`aggregate` is not supported by this build yet",
         );
     }
-    if r.retries.is_some() {
-        errs.at(
-            &format!("{p}.retries"),
-            "`retries` is not supported by this build yet",
-        );
+    if let Some(rt) = &r.retries {
+        for (j, on) in rt.on.iter().enumerate() {
+            let ok = matches!(on.as_str(), "connect_failure" | "reset" | "timeout")
+                || on
+                    .parse::<u16>()
+                    .is_ok_and(|c| (500..=599).contains(&c) || c == 429 || c == 408);
+            if !ok {
+                errs.at(
+                    &format!("{p}.retries.on[{j}]"),
+                    format!("unknown retry condition `{on}` (connect_failure, reset, timeout, or a status such as \"503\")"),
+                );
+            }
+        }
+        if rt.attempts > 10 {
+            errs.at(&format!("{p}.retries.attempts"), "at most 10 retries");
+        }
+        if rt.backoff.base.0 > rt.backoff.max.0 {
+            errs.at(
+                &format!("{p}.retries.backoff"),
+                "`base` must not exceed `max`",
+            );
+        }
     }
     match &r.strip_prefix {
         Some(StripPrefix::Flag(true)) if m.path_prefix.is_none() => errs.at(

@@ -17,7 +17,9 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
-use portico_plugins::{Context as PluginCtx, Flow, RequestView};
+use portico_plugins::{
+    BodyFilter, Context as PluginCtx, Flow, HeaderEdits, Reply, RequestView, ResponseView,
+};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,6 +53,18 @@ pub struct Ctx {
     error_code: Option<&'static str>,
     upstream_counted: bool,
     last_endpoint: Option<Arc<Endpoint>>,
+    /// Plugin context, when the route has plugins.
+    plugin_ctx: Option<Box<PluginCtx>>,
+    body_filters: Vec<Box<dyn BodyFilter>>,
+    /// A plugin's answer decided while the body streamed; written by `fail_to_proxy`.
+    pending_reply: Option<Reply>,
+    request_body_seen: u64,
+    /// Tries started at the upstream (1 for the first).
+    tries: u32,
+    /// When the upstream must have answered (route `timeout` or upstream `total`).
+    deadline: Option<Instant>,
+    /// A retryable status was seen; the error raised for it must be retried.
+    retry_status_pending: bool,
 }
 
 impl Drop for Ctx {
@@ -66,7 +80,13 @@ impl Ctx {
             if let Some(ep) = up.endpoints.get(i) {
                 ep.inflight.fetch_sub(1, Ordering::Relaxed);
             }
+            up.inflight.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    fn current_endpoint(&self) -> Option<(&Arc<Upstream>, &Arc<Endpoint>)> {
+        let up = self.upstream.as_ref()?;
+        Some((up, up.endpoints.get(self.endpoint?)?))
     }
 }
 
@@ -109,6 +129,22 @@ fn new_traceparent() -> String {
         rand::random::<u128>() | 1,
         rand::random::<u64>() | 1
     )
+}
+
+/// Result of picking an endpoint.
+enum Pick {
+    Ok,
+    NoEndpoint,
+    Saturated,
+}
+
+/// Why a try failed, for the retry policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryKind {
+    ConnectFailure,
+    Reset,
+    Timeout,
+    Status(u16),
 }
 
 /// The client address as the gateway will report it (honouring trusted proxies).
@@ -174,10 +210,13 @@ fn hash_key(up: &Upstream, session: &Session, path: &str, ip: Option<IpAddr>) ->
 }
 
 impl Proxy {
-    fn pick(&self, ctx: &mut Ctx, session: &Session) -> bool {
+    fn pick(&self, ctx: &mut Ctx, session: &Session) -> Pick {
         let Some(up) = ctx.upstream.clone() else {
-            return false;
+            return Pick::NoEndpoint;
         };
+        if up.saturated() {
+            return Pick::Saturated;
+        }
         let key = if up.balancer.needs_key() {
             Some(hash_key(
                 &up,
@@ -188,17 +227,75 @@ impl Proxy {
         } else {
             None
         };
-        match up.balancer.pick(&up.endpoints, key.as_deref(), &ctx.tried) {
+        let cb = up.breaker.as_ref();
+        let mut choice = up
+            .balancer
+            .pick(&up.endpoints, key.as_deref(), &ctx.tried, cb);
+        if choice.is_none() && !ctx.tried.is_empty() {
+            // Every endpoint was tried: a retry may go back to one of them.
+            choice = up.balancer.pick(&up.endpoints, key.as_deref(), &[], cb);
+        }
+        match choice {
             Some(i) => {
                 ctx.release_endpoint();
                 up.endpoints[i].inflight.fetch_add(1, Ordering::Relaxed);
+                up.inflight.fetch_add(1, Ordering::Relaxed);
                 ctx.endpoint = Some(i);
-                ctx.tried.push(i);
+                if !ctx.tried.contains(&i) {
+                    ctx.tried.push(i);
+                }
                 ctx.last_endpoint = Some(Arc::clone(&up.endpoints[i]));
-                true
+                Pick::Ok
             }
-            None => false,
+            None => Pick::NoEndpoint,
         }
+    }
+
+    /// Whether this failed try may be retried under the route's policy; takes a token
+    /// from the upstream's retry budget when it may.
+    fn may_retry(&self, session: &Session, ctx: &Ctx, kind: RetryKind) -> bool {
+        let (Some(route), Some(up)) = (&ctx.route, &ctx.upstream) else {
+            return false;
+        };
+        let Some(pol) = &route.retry else {
+            return false;
+        };
+        let wanted = match kind {
+            RetryKind::ConnectFailure => pol.on_connect_failure,
+            RetryKind::Reset => pol.on_reset,
+            RetryKind::Timeout => pol.on_timeout,
+            RetryKind::Status(s) => pol.on_status.contains(&s),
+        };
+        if !wanted || ctx.tries > pol.attempts {
+            return false;
+        }
+        // Never once the client has seen any of the response.
+        if session.response_written().is_some() {
+            return false;
+        }
+        // A request that may have had effects is retried only when it says it is safe,
+        // except after a failed connect (nothing was sent).
+        let req = session.req_header();
+        let idempotent = matches!(
+            req.method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+        ) || req.headers.contains_key("idempotency-key")
+            || pol.non_idempotent;
+        if !idempotent && kind != RetryKind::ConnectFailure {
+            return false;
+        }
+        // The body must be replayable: fully held in the retry buffer.
+        if session.as_ref().retry_buffer_truncated() {
+            return false;
+        }
+        if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        up.budget.withdraw()
     }
 
     fn count_try(&self, ctx: &mut Ctx, outcome: &str) {
@@ -209,6 +306,26 @@ impl Proxy {
                 .with_label_values(&[&up.name, &ep.label, outcome])
                 .inc();
         }
+    }
+
+    /// Writes a plugin's answer, with the headers plugins added for every response.
+    async fn write_reply(&self, session: &mut Session, ctx: &mut Ctx, r: Reply) -> Result<()> {
+        ctx.own_status = Some(r.status);
+        let mut hs: Vec<(http::HeaderName, http::HeaderValue)> = r
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    http::HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        if let Some(p) = &ctx.plugin_ctx {
+            hs.extend(p.response_headers.iter().cloned());
+        }
+        session.set_keepalive(None);
+        respond::write(session, r.status, &hs, r.body, &ctx.request_id).await
     }
 
     /// Answers a request the proxy refuses before routing.
@@ -278,6 +395,13 @@ impl ProxyHttp for Proxy {
             error_code: None,
             upstream_counted: false,
             last_endpoint: None,
+            plugin_ctx: None,
+            body_filters: Vec::new(),
+            pending_reply: None,
+            request_body_seen: 0,
+            tries: 0,
+            deadline: None,
+            retry_status_pending: false,
         }
     }
 
@@ -360,31 +484,30 @@ impl ProxyHttp for Proxy {
         ctx.route = Some(Arc::clone(&route));
 
         if !route.plugins.is_empty() {
-            let mut edits = portico_plugins::HeaderEdits::default();
-            let headers = &session.req_header().headers;
-            let mut pctx = PluginCtx {
-                request_id: &ctx.request_id,
-                route: &route.name,
-                params: &ctx.params,
+            let mut pctx = Box::new(PluginCtx {
+                request_id: ctx.request_id.clone(),
+                route: Arc::clone(&route.name),
+                params: ctx.params.clone(),
                 client_ip: ctx.client_ip,
-                consumer: None,
-            };
-            let mut flow = Flow::Continue;
+                ..PluginCtx::default()
+            });
+            let mut edits = HeaderEdits::default();
+            let mut reply = None;
             for p in &route.plugins {
                 let mut view = RequestView {
                     method: &method,
                     path: &path,
                     query: query.as_deref(),
-                    headers,
+                    headers: &session.req_header().headers,
                     edits: &mut edits,
                 };
-                flow = p.on_request(&mut view, &mut pctx);
-                if let Flow::Respond(r) = &flow {
+                if let Flow::Respond(r) = p.on_request(&mut view, &mut pctx).await {
                     self.gw
                         .metrics
                         .plugin_rejections
                         .with_label_values(&[&route.name, p.name(), &r.status.to_string()])
                         .inc();
+                    reply = Some(r);
                     break;
                 }
             }
@@ -395,19 +518,9 @@ impl ProxyHttp for Proxy {
             for (k, v) in edits.set {
                 req.insert_header(k, v)?;
             }
-            if let Flow::Respond(r) = flow {
-                ctx.own_status = Some(r.status);
-                let hs: Vec<_> = r
-                    .headers
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        Some((
-                            http::HeaderName::from_bytes(k.as_bytes()).ok()?,
-                            http::HeaderValue::from_str(v).ok()?,
-                        ))
-                    })
-                    .collect();
-                respond::write(session, r.status, &hs, r.body, &ctx.request_id).await?;
+            ctx.plugin_ctx = Some(pctx);
+            if let Some(r) = reply {
+                self.write_reply(session, ctx, r).await?;
                 return Ok(true);
             }
         }
@@ -427,6 +540,9 @@ impl ProxyHttp for Proxy {
                 ctx.own_status = Some(*status);
                 let mut hs = headers.clone();
                 hs.extend(route.response_headers.set.iter().cloned());
+                if let Some(p) = &ctx.plugin_ctx {
+                    hs.extend(p.response_headers.iter().cloned());
+                }
                 respond::write(session, *status, &hs, body.clone(), &ctx.request_id).await?;
                 return Ok(true);
             }
@@ -446,14 +562,9 @@ impl ProxyHttp for Proxy {
                 let loc = http::HeaderValue::from_str(&loc)
                     .unwrap_or_else(|_| http::HeaderValue::from_static("/"));
                 let body = Bytes::from(format!("redirecting to {}\n", loc.to_str().unwrap_or("/")));
-                respond::write(
-                    session,
-                    *status,
-                    &[(http::header::LOCATION, loc)],
-                    body,
-                    &ctx.request_id,
-                )
-                .await?;
+                let mut hs = vec![(http::header::LOCATION, loc)];
+                hs.extend(route.response_headers.set.iter().cloned());
+                respond::write(session, *status, &hs, body, &ctx.request_id).await?;
                 return Ok(true);
             }
             Action::Static { dir, index } => {
@@ -467,17 +578,40 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
-        if !self.pick(ctx, session) {
-            let name = ctx
-                .upstream
-                .as_ref()
-                .map(|u| u.name.to_string())
-                .unwrap_or_default();
-            let msg = format!("upstream `{name}` has no healthy endpoint");
-            ctx.own_status = Some(503);
-            ctx.error_code = Some("no_healthy_upstream");
-            respond::error(session, 503, "no_healthy_upstream", &msg, &ctx.request_id).await?;
-            return Ok(true);
+        match self.pick(ctx, session) {
+            Pick::Ok => {}
+            p => {
+                let name = ctx
+                    .upstream
+                    .as_ref()
+                    .map(|u| u.name.to_string())
+                    .unwrap_or_default();
+                let (code, msg) = match p {
+                    Pick::Saturated => (
+                        "upstream_overloaded",
+                        format!("upstream `{name}` is at its connection limit"),
+                    ),
+                    _ => (
+                        "no_healthy_upstream",
+                        format!("upstream `{name}` has no healthy endpoint"),
+                    ),
+                };
+                ctx.own_status = Some(503);
+                ctx.error_code = Some(code);
+                respond::error(session, 503, code, &msg, &ctx.request_id).await?;
+                return Ok(true);
+            }
+        }
+        let total = route
+            .timeout
+            .or(ctx.upstream.as_ref().and_then(|u| u.timeouts.total));
+        ctx.deadline = total.map(|t| ctx.start + t);
+        if route.retry.is_some() {
+            // Keep up to 64 KiB of the body so a retry can replay it.
+            session.as_mut().enable_retry_buffering();
+        }
+        if let Some(up) = &ctx.upstream {
+            up.budget.deposit();
         }
         // The request is routed and an endpoint is ready: invite the body now, as the
         // upstream will only see the request once the gateway starts forwarding it.
@@ -487,7 +621,9 @@ impl ProxyHttp for Proxy {
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if expects {
-            session.req_header_mut().remove_header(&http::header::EXPECT);
+            session
+                .req_header_mut()
+                .remove_header(&http::header::EXPECT);
             if !session.is_http2() {
                 session.write_continue_response().await?;
             }
@@ -495,44 +631,198 @@ impl ProxyHttp for Proxy {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        if ctx.endpoint.is_none() && !self.pick(ctx, session) {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                "no healthy endpoint left to try",
-            );
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(route), Some(pctx)) = (ctx.route.clone(), ctx.plugin_ctx.as_mut()) else {
+            return Ok(());
+        };
+        ctx.request_body_seen += body.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+        for p in &route.plugins {
+            if let Flow::Respond(r) = p.on_request_body(body.as_ref(), ctx.request_body_seen, pctx)
+            {
+                self.gw
+                    .metrics
+                    .plugin_rejections
+                    .with_label_values(&[&route.name, p.name(), &r.status.to_string()])
+                    .inc();
+                let status = r.status;
+                ctx.pending_reply = Some(r);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(status),
+                    "refused by a plugin while the body streamed",
+                );
+            }
         }
-        let (Some(up), Some(i)) = (&ctx.upstream, ctx.endpoint) else {
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        for f in ctx.body_filters.iter_mut() {
+            *body = f.filter(body.take(), end_of_stream);
+        }
+        Ok(None)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.tries += 1;
+        ctx.upstream_counted = false;
+        if ctx.tries > 1 {
+            if let Some(pol) = ctx.route.as_ref().and_then(|r| r.retry.as_ref()) {
+                let mut wait = pol.backoff(ctx.tries - 1);
+                if let Some(d) = ctx.deadline {
+                    wait = wait.min(d.saturating_duration_since(Instant::now()));
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if ctx.endpoint.is_none() {
+            match self.pick(ctx, session) {
+                Pick::Ok => {}
+                Pick::Saturated => {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "upstream at its connection limit",
+                    )
+                }
+                Pick::NoEndpoint => {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "no healthy endpoint left to try",
+                    )
+                }
+            }
+        }
+        let remaining = match ctx.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(504),
+                        "timeout before the upstream answered",
+                    );
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        let Some((up, ep)) = ctx.current_endpoint() else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no upstream");
         };
-        let ep = &up.endpoints[i];
         let mut peer = HttpPeer::new(ep.addr, false, String::new());
         let t = &up.timeouts;
-        peer.options.connection_timeout = t.connect;
-        peer.options.read_timeout = ctx.route.as_ref().and_then(|r| r.timeout).or(t.read);
+        let cap = |d: Option<std::time::Duration>| match (d, remaining) {
+            (Some(d), Some(r)) => Some(d.min(r)),
+            (d, r) => d.or(r),
+        };
+        peer.options.connection_timeout = cap(t.connect);
+        peer.options.read_timeout = cap(t.read);
         peer.options.write_timeout = t.write;
         peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if ctx.retry_status_pending {
+            // Decided (and budgeted) when the retryable status arrived.
+            ctx.retry_status_pending = false;
+            ctx.release_endpoint();
+            e.set_retry(true);
+            return e;
+        }
+        let kind = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(RetryKind::Timeout),
+            ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::H1Error
+            | ErrorType::H2Error => Some(RetryKind::Reset),
+            _ => None,
+        };
+        let upstream_side = matches!(e.esource(), pingora::ErrorSource::Upstream);
+        if let (Some(kind), true) = (kind, upstream_side) {
+            if !ctx.upstream_counted {
+                ctx.upstream_counted = true;
+                self.count_try(
+                    ctx,
+                    if kind == RetryKind::Timeout {
+                        "timeout"
+                    } else {
+                        "reset"
+                    },
+                );
+                if let Some((up, ep)) = ctx.current_endpoint() {
+                    up.record_result(ep, false);
+                }
+            }
+            if self.may_retry(session, ctx, kind) {
+                ctx.release_endpoint();
+                e.set_retry(true);
+                return e;
+            }
+        }
+        // Pingora's own rule for a pooled connection the upstream had already closed:
+        // an idempotent request is retried once on a fresh connection.
+        let idempotent = session.req_header().method.is_idempotent();
+        if upstream_side
+            && idempotent
+            && session.response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated()
+        {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) {
-            up.connect_failed(&up.endpoints[i]);
+        if let Some((up, ep)) = ctx
+            .current_endpoint()
+            .map(|(u, e)| (Arc::clone(u), Arc::clone(e)))
+        {
+            up.connect_failed(&ep);
+            up.record_result(&ep, false);
+            ctx.upstream_counted = true;
             self.count_try(ctx, "connect_failure");
             ctx.release_endpoint();
-            // A failed connect sent nothing: safe to try another endpoint, if any is left.
-            let others = up
-                .endpoints
-                .iter()
-                .enumerate()
-                .any(|(j, ep)| !ctx.tried.contains(&j) && ep.available());
-            if others && ctx.tried.len() < 3 {
+            let retry = if ctx.route.as_ref().is_some_and(|r| r.retry.is_some()) {
+                self.may_retry(session, ctx, RetryKind::ConnectFailure)
+            } else {
+                // Without a policy, a failed connect (nothing was sent) still fails over
+                // once to another endpoint, if one is left.
+                ctx.tries < 2
+                    && up
+                        .endpoints
+                        .iter()
+                        .enumerate()
+                        .any(|(j, ep)| !ctx.tried.contains(&j) && ep.available())
+            };
+            if retry {
                 e.set_retry(true);
             }
         }
@@ -590,20 +880,24 @@ impl ProxyHttp for Proxy {
                 }
             }
         }
-        // Forwarding headers.
-        let ip = ctx.client_ip.map(|i| i.to_string()).unwrap_or_default();
-        let prev_xff = req
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let peer_ip = session
+        // Forwarding headers. What a client says about earlier hops is kept only when
+        // that client is a trusted proxy; anyone else could forge it.
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
+            .map(|a| a.ip());
+        let trusted = peer.is_some_and(|p| ctx.snap.trusted_proxies.iter().any(|n| n.contains(&p)));
+        let peer_ip = peer.map(|p| p.to_string()).unwrap_or_default();
+        let prev_xff = if trusted {
+            req.headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            String::new()
+        };
         let xff = if prev_xff.is_empty() {
             peer_ip.clone()
         } else {
@@ -640,17 +934,16 @@ impl ProxyHttp for Proxy {
                 fwd.push_str(h);
             }
         }
-        let fwd = match session
+        let prev_fwd = session
             .req_header()
             .headers
             .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {fwd}"),
-            None => fwd,
+            .and_then(|v| v.to_str().ok());
+        let fwd = match prev_fwd {
+            Some(prev) if trusted => format!("{prev}, {fwd}"),
+            _ => fwd,
         };
         req.insert_header("forwarded", fwd)?;
-        let _ = ip;
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         let tp_ok = req
             .headers
@@ -671,7 +964,7 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -690,25 +983,63 @@ impl ProxyHttp for Proxy {
         }
         resp.remove_header("keep-alive");
         resp.remove_header("proxy-connection");
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        let status = resp.status.as_u16();
         if !ctx.upstream_counted {
             ctx.upstream_counted = true;
-            let outcome = if resp.status.is_server_error() {
-                "http_5xx"
-            } else {
-                "ok"
-            };
-            self.count_try(ctx, outcome);
+            let failed = resp.status.is_server_error();
+            self.count_try(ctx, if failed { "http_5xx" } else { "ok" });
+            if let Some((up, ep)) = ctx.current_endpoint() {
+                up.record_result(ep, !failed);
+            }
+        }
+        if ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.retry.as_ref())
+            .is_some_and(|p| p.on_status.contains(&status))
+            && self.may_retry(session, ctx, RetryKind::Status(status))
+        {
+            ctx.retry_status_pending = true;
+            return Error::e_explain(ErrorType::HTTPStatus(status), "retrying on this status");
         }
         Ok(())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (Some(route), Some(pctx)) = (ctx.route.clone(), ctx.plugin_ctx.as_mut()) {
+            let mut edits = HeaderEdits::default();
+            let req = session.req_header();
+            for p in &route.plugins {
+                let mut view = ResponseView {
+                    status: resp.status.as_u16(),
+                    headers: &resp.headers,
+                    edits: &mut edits,
+                    request_method: &req.method,
+                    request_headers: &req.headers,
+                };
+                if let Some(f) = p.on_response(&mut view, pctx) {
+                    ctx.body_filters.push(f);
+                }
+            }
+            for n in &edits.remove {
+                resp.remove_header(n);
+            }
+            for (k, v) in edits.set {
+                resp.insert_header(k, v)?;
+            }
+            for (k, v) in &pctx.response_headers {
+                resp.insert_header(k.clone(), v.clone())?;
+            }
+        }
         if let Some(route) = &ctx.route {
             for n in &route.response_headers.remove {
                 resp.remove_header(n);
@@ -725,12 +1056,16 @@ impl ProxyHttp for Proxy {
         let (status, code, msg): (u16, &'static str, &str) = match e.etype() {
             ErrorType::HTTPStatus(s) => (
                 *s,
-                if *s == 503 {
-                    "no_healthy_upstream"
-                } else {
-                    "error"
+                match *s {
+                    503 => "no_healthy_upstream",
+                    504 => "upstream_timeout",
+                    _ => "error",
                 },
-                "the gateway refused the request",
+                match *s {
+                    503 => "no endpoint of the upstream can take the request",
+                    504 => "the upstream did not answer in time",
+                    _ => "the gateway refused the request",
+                },
             ),
             ErrorType::ConnectTimedout
             | ErrorType::ConnectRefused
@@ -762,24 +1097,25 @@ impl ProxyHttp for Proxy {
             | ErrorType::InvalidH2 => (400, "bad_request", "malformed request"),
             _ => (500, "internal", "internal gateway error"),
         };
-        let connect_error = matches!(
-            e.etype(),
-            ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectNoRoute
-                | ErrorType::ConnectError
-        );
-        if ctx.last_endpoint.is_some() && !ctx.upstream_counted && status != 0 && !connect_error {
-            ctx.upstream_counted = true;
-            let outcome = if status == 504 { "timeout" } else { "reset" };
-            self.count_try(ctx, outcome);
-        }
         ctx.error_code = Some(code);
         let written = session.response_written().is_some();
+        if let Some(r) = ctx.pending_reply.take() {
+            let status = r.status;
+            if !written {
+                let _ = self.write_reply(session, ctx, r).await;
+            }
+            ctx.error_code = Some("plugin");
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
         if status > 0 && !written {
             if ctx.request_id.is_empty() {
                 ctx.request_id = new_id();
             }
+            // The connection closes after this answer: say so, so clients do not reuse it.
+            session.set_keepalive(None);
             let _ = respond::error(session, status, code, msg, &ctx.request_id).await;
         }
         ctx.own_status = Some(status);
@@ -796,6 +1132,11 @@ impl ProxyHttp for Proxy {
             .map(|r| r.status.as_u16())
             .or(ctx.own_status)
             .unwrap_or(0);
+        if let (Some(route), Some(pctx)) = (&ctx.route, &ctx.plugin_ctx) {
+            for p in &route.plugins {
+                p.on_log(status, pctx);
+            }
+        }
         let elapsed = ctx.start.elapsed();
         let route_name: &str = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
         let m = &self.gw.metrics;

@@ -105,11 +105,12 @@ impl Balancer {
         eps: &[Arc<Endpoint>],
         key: Option<&[u8]>,
         tried: &[usize],
+        cb: Option<&crate::config::model::CircuitBreaker>,
     ) -> Option<usize> {
         if self.n == 0 || eps.len() != self.n {
             return None;
         }
-        let ok = |i: usize| eps[i].available() && !tried.contains(&i);
+        let ok = |i: usize| !tried.contains(&i) && eps[i].admits(cb);
         match self.kind {
             Balance::RoundRobin | Balance::Weighted => {
                 let len = self.order.len();
@@ -246,8 +247,8 @@ mod tests {
         let b2 = Balancer::new(Balance::ConsistentHash, &two, HashOn::ClientIp);
         for k in 0..2000 {
             let key = format!("user-{k}");
-            let a = b3.pick(&three, Some(key.as_bytes()), &[]).unwrap();
-            let b = b2.pick(&two, Some(key.as_bytes()), &[]).unwrap();
+            let a = b3.pick(&three, Some(key.as_bytes()), &[], None).unwrap();
+            let b = b2.pick(&two, Some(key.as_bytes()), &[], None).unwrap();
             if a != 1 {
                 assert_eq!(three[a].label, two[b].label, "key {key} moved");
             }
@@ -260,8 +261,8 @@ mod tests {
         e[1].healthy.store(false, Ordering::Relaxed);
         let b = Balancer::new(Balance::RoundRobin, &e, HashOn::ClientIp);
         for _ in 0..10 {
-            assert_ne!(b.pick(&e, None, &[]), Some(1));
+            assert_ne!(b.pick(&e, None, &[], None), Some(1));
         }
-        assert_eq!(b.pick(&e, None, &[0, 2]), None);
+        assert_eq!(b.pick(&e, None, &[0, 2], None), None);
     }
 }

@@ -5,6 +5,8 @@
 
 pub mod balance;
 pub mod health;
+pub mod outlier;
+pub mod resilience;
 
 use crate::config::model::{self, Balance};
 use balance::{Balancer, HashOn};
@@ -35,6 +37,8 @@ pub struct Endpoint {
     pub inflight: AtomicI64,
     /// Consecutive active-check results in the current direction.
     pub hc_streak: AtomicU32,
+    pub breaker: resilience::Breaker,
+    pub outlier: resilience::OutlierStats,
 }
 
 impl Endpoint {
@@ -48,6 +52,8 @@ impl Endpoint {
             connect_failures: AtomicU32::new(0),
             inflight: AtomicI64::new(0),
             hc_streak: AtomicU32::new(0),
+            breaker: resilience::Breaker::default(),
+            outlier: resilience::OutlierStats::default(),
         }
     }
 
@@ -55,6 +61,12 @@ impl Endpoint {
     pub fn available(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
             && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// True when a request may be sent now: available, and the circuit breaker admits
+    /// it (claiming the half-open trial when there is one).
+    pub fn admits(&self, cb: Option<&model::CircuitBreaker>) -> bool {
+        self.available() && self.breaker.admits(cb)
     }
 }
 
@@ -64,6 +76,8 @@ pub struct Timeouts {
     pub connect: Option<Duration>,
     pub read: Option<Duration>,
     pub write: Option<Duration>,
+    /// Total time to the response, across retries (a route's `timeout` overrides it).
+    pub total: Option<Duration>,
 }
 
 /// A compiled upstream.
@@ -77,6 +91,11 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     pub passive: model::PassiveHealth,
     pub health_check: Option<model::HealthCheck>,
+    pub breaker: Option<model::CircuitBreaker>,
+    pub outlier: Option<model::OutlierDetection>,
+    pub budget: resilience::Budget,
+    /// Requests in flight to any endpoint of this upstream.
+    pub inflight: AtomicI64,
 }
 
 impl Upstream {
@@ -116,9 +135,14 @@ impl Upstream {
                 connect: t.connect.map(|d| d.0).or(Some(Duration::from_secs(5))),
                 read: t.read.map(|d| d.0).or(Some(Duration::from_secs(60))),
                 write: t.write.map(|d| d.0).or(Some(Duration::from_secs(60))),
+                total: t.total.map(|d| d.0),
             },
             passive: spec.passive_health.clone().unwrap_or_default(),
             health_check: spec.health_check.clone(),
+            breaker: spec.circuit_breaker.clone(),
+            outlier: spec.outlier_detection.clone(),
+            budget: resilience::Budget::new(&spec.retry_budget),
+            inflight: AtomicI64::new(0),
             endpoints,
         }
     }
@@ -152,5 +176,36 @@ impl Upstream {
         if ep.connect_failures.load(Ordering::Relaxed) != 0 {
             ep.connect_failures.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Records the result of one try at `ep` for the breaker and outlier detection.
+    pub fn record_result(&self, ep: &Endpoint, ok: bool) {
+        ep.outlier.total.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            ep.outlier.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if ep.breaker.record(self.breaker.as_ref(), ok) {
+            log::warn!(
+                "upstream {}: circuit breaker for {} opened",
+                self.name,
+                ep.label
+            );
+        }
+    }
+
+    /// Endpoints whose breaker is open (or half-open).
+    pub fn open_breakers(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| e.breaker.is_open())
+            .count()
+    }
+
+    /// Whether the upstream-wide concurrency limit is reached.
+    pub fn saturated(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|b| {
+            b.max_connections > 0
+                && self.inflight.load(Ordering::Relaxed) >= b.max_connections as i64
+        })
     }
 }

@@ -106,12 +106,6 @@ def gw(module_procs):
     return module_procs.gateway({"routes": ROUTES})
 
 
-def test_table_is_big_enough():
-    assert len(CASES) >= 30
-    names = {r["name"] for r in ROUTES}
-    assert all(c[5] is None or c[5] in names for c in CASES)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_route_chosen(gw, case):
     _id, method, host, path, headers, expected = case

@@ -3,6 +3,7 @@
 observed; every invalid one must be refused while the previous config keeps serving."""
 
 import json
+import signal
 import threading
 import time
 
@@ -175,3 +176,23 @@ def test_reload_under_load(procs):
     assert metric_sum(samples, "portico_config_reloads_total", result="error") >= WRITES // 2
     print(f"requests={load.count} reconnects={load.reconnects} reload latencies="
           f"{[(k, kind, how, round(t, 3)) for k, kind, how, t in log]}")
+
+
+def test_sighup_reloads(procs):
+    """SIGHUP re-reads the file. The file is not touched, so the file watcher cannot be the cause."""
+    backend = procs.backend("app")
+    gw = procs.gateway(valid_cfg(backend, 1))
+    wait_until(lambda: gw.get("/version").text == marker(1), 10, what="config 1 serving")
+    time.sleep(1.0)  # let any watcher event from the initial write settle
+    samples = gw.metrics()
+    ok0 = metric_sum(samples, "portico_config_reloads_total", result="ok")
+    v0 = gw.admin_json("/config")["version"]
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: metric_sum(gw.metrics(), "portico_config_reloads_total", result="ok") > ok0
+               or gw.admin_json("/config")["version"] > v0, 10, what="a reload after SIGHUP")
+    assert gw.alive(), "gateway died on SIGHUP"
+    # and a changed file + SIGHUP applies the change
+    gw.write_config(valid_cfg(backend, 3))
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: gw.get("/version").text == marker(3), 10, what="config 3 after SIGHUP")
+    assert gw.alive()

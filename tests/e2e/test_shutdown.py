@@ -108,10 +108,12 @@ def test_sigterm_drains_in_flight_requests(procs):
 
     assert new_conn_result != 200, "a new connection made 0.3s after SIGTERM was still served (200)"
 
-    answered = [(t, s) for t, s in readyz if isinstance(s, int)]
-    late_200 = [(round(t - t_term, 3), s) for t, s in answered if s == 200 and t > t_term + 0.3]
+    # answers in the first 300 ms may predate the signal being handled; after that, /readyz
+    # must not say 200 (503, or no admin listener at all, are both "not ready")
+    settled = [(round(t - t_term, 3), s) for t, s in readyz if isinstance(s, int) and t > t_term + 0.3]
+    late_200 = [a for a in settled if a[1] == 200]
     assert not late_200, f"/readyz still 200 during drain: {late_200[:5]}"
-    if answered:
-        assert any(s == 503 for _, s in answered), f"/readyz answered during drain but never 503: {answered[:10]}"
+    if settled:
+        assert any(s == 503 for _, s in settled), f"/readyz answered during drain but never 503: {settled[:10]}"
     print(f"readyz during drain: {[(round(t - t_term, 3), s) for t, s in readyz][:10]} ... "
           f"exit after {t_exit - t_term:.2f}s; new connection: {new_conn_result}")

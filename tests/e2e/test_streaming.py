@@ -21,7 +21,7 @@ pytestmark = slow
 
 
 class RssSampler:
-    def __init__(self, gw, interval=0.05):
+    def __init__(self, gw, interval=0.02):
         self.gw = gw
         self.interval = interval
         self.samples = []
@@ -124,7 +124,9 @@ def _download(gw, size, pause_after_first=0.0):
 
 def _check_growth(gw, sampler, baseline, what):
     growth = sampler.peak - baseline
-    assert len(sampler.samples) >= 10, f"too few RSS samples ({len(sampler.samples)}) during {what}"
+    print(f"{what}: baseline {baseline / MIB:.1f} MiB, peak {sampler.peak / MIB:.1f} MiB, "
+          f"growth {growth / MIB:.1f} MiB over {len(sampler.samples)} samples")
+    assert len(sampler.samples) >= 5, f"too few RSS samples ({len(sampler.samples)}) during {what}"
     assert growth < MAX_GROWTH, (f"{what}: gateway RSS grew by {growth / MIB:.1f} MiB "
                                  f"(baseline {baseline / MIB:.1f} MiB, peak {sampler.peak / MIB:.1f} MiB)")
 

@@ -533,6 +533,7 @@ fn run_rate(o: Opts) {
     all.latencies_us.sort_unstable();
     all.send_lag_us.sort_unstable();
     let scheduled = all.sent + all.unsent;
+    let self_cpu_us = proc_cpu_us(std::process::id(), tick_hz).unwrap_or(0);
     let mut j = String::new();
     let _ = write!(
         j,
@@ -541,7 +542,8 @@ fn run_rate(o: Opts) {
          \"completed\":{},\"errors\":{},\"timeouts\":{},\"non_2xx\":{},\"unsent\":{},\
          \"connect_failures\":{connect_failures},\"reconnects\":{},\"achieved_rate\":{:.1},\
          \"sustained\":{},\"latency_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\
-         \"send_lag_us\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"window_s\":{:.3}",
+         \"send_lag_us\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"window_s\":{:.3},\
+         \"self_cpu_us\":{self_cpu_us}",
         o.warmup,
         all.sent,
         all.completed,

@@ -1,0 +1,575 @@
+//! The `rate_limit` plugin: GCRA (governor's generic cell rate algorithm) per key,
+//! `requests` per `per` with a burst capacity of `burst` (default `requests`): one
+//! request is allowed every `per / requests`, and up to `burst` at once from a full
+//! bucket. The key is the client IP (default), a request header, a JWT claim, the
+//! consumer set by an auth plugin, or the route; a request without the chosen key is
+//! limited by its client IP instead. A refused request gets 429 with `Retry-After`;
+//! every answer (accepted or not) carries `RateLimit-Limit`, `RateLimit-Remaining`
+//! and `RateLimit-Reset`.
+//!
+//! The state lives in the instance (the gateway reuses an instance across reloads
+//! while its settings are unchanged, so buckets survive), in a sharded map of 64-bit
+//! key digests (SipHash with a per-instance random key) to GCRA arrival times: a
+//! few dozen bytes per key whatever the key's length. Keys idle long enough to be
+//! indistinguishable from a fresh bucket are dropped at most once a second, and the
+//! map never holds more than `max_keys` (default 100,000): at the cap, a new key
+//! evicts the emptiest of a few sampled buckets. `store: redis` (shared limits) is
+//! accepted by the schema but refused until it is implemented.
+
+use crate::units::Dur;
+use crate::{Context, Factory, Flow, Plugin, Reply, RequestView};
+use governor::clock::{Clock, MonotonicClock};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SHARDS: usize = 64;
+/// Housekeeping (dropping idle keys) runs at most this often.
+const GC_EVERY: Duration = Duration::from_secs(1);
+/// How many buckets a new key looks at when the map is full.
+const EVICT_SAMPLE: usize = 8;
+
+fn default_key() -> String {
+    "client_ip".into()
+}
+fn default_store() -> String {
+    "local".into()
+}
+fn default_max_keys() -> usize {
+    100_000
+}
+
+/// The `rate_limit` settings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    requests: u32,
+    per: Dur,
+    #[serde(default)]
+    burst: Option<u32>,
+    #[serde(default = "default_key")]
+    key: String,
+    #[serde(default = "default_store")]
+    store: String,
+    #[serde(default)]
+    on_store_error: Option<String>,
+    #[serde(default = "default_max_keys")]
+    max_keys: usize,
+}
+
+enum Key {
+    ClientIp,
+    Header(http::HeaderName),
+    Claim(String),
+    Consumer,
+    Route,
+}
+
+/// Keys are already SipHash digests: hash them as they are.
+#[derive(Default)]
+struct Identity(u64);
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = HashMap<u64, u64, BuildHasherDefault<Identity>>;
+
+/// A bounded, sharded GCRA state store (key digest -> theoretical arrival time).
+pub struct Store {
+    shards: Box<[Mutex<Shard>]>,
+    cap_per_shard: usize,
+}
+
+impl Store {
+    fn new(max_keys: usize) -> Store {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            cap_per_shard: max_keys.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Shard> {
+        // The middle bits: the map itself uses the low bits and the top seven.
+        let i = ((key >> 32) as usize) % SHARDS;
+        match self.shards[i].lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+impl StateStore for Store {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut shard = self.shard(*key);
+        let prev = shard.get(key).copied();
+        let (t, new) = f(prev.map(Nanos::new))?;
+        if prev.is_none() && shard.len() >= self.cap_per_shard {
+            // Full: evict the sampled bucket closest to fresh (smallest arrival time).
+            let victim = shard
+                .iter()
+                .take(EVICT_SAMPLE)
+                .min_by_key(|(_, tat)| **tat)
+                .map(|(k, _)| *k);
+            if let Some(v) = victim {
+                shard.remove(&v);
+            }
+        }
+        shard.insert(*key, new.as_u64());
+        Ok(t)
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for Store {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let below = drop_below.as_u64();
+        for s in self.shards.iter() {
+            let mut s = match s.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            s.retain(|_, tat| *tat > below);
+            if s.capacity() > 4 * s.len() + 64 {
+                s.shrink_to_fit();
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|g| g.len()).unwrap_or(0))
+            .sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type Limiter = RateLimiter<u64, Store, MonotonicClock, StateInformationMiddleware>;
+
+/// The `rate_limit` plugin instance.
+pub struct RateLimit {
+    limiter: Limiter,
+    clock: MonotonicClock,
+    key: Key,
+    hasher: std::collections::hash_map::RandomState,
+    burst: u32,
+    interval: Duration,
+    limit_value: http::HeaderValue,
+    base: Instant,
+    last_gc_ms: AtomicU64,
+}
+
+/// Builds [`RateLimit`] instances.
+pub struct RateLimitFactory;
+
+impl Factory for RateLimitFactory {
+    fn name(&self) -> &'static str {
+        "rate_limit"
+    }
+    fn build(&self, settings: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, String> {
+        Ok(Arc::new(RateLimit::new(crate::settings(settings)?)?))
+    }
+}
+
+fn parse_key(s: &str) -> Result<Key, String> {
+    Ok(match s {
+        "client_ip" => Key::ClientIp,
+        "consumer" => Key::Consumer,
+        "route" => Key::Route,
+        _ => {
+            if let Some(h) = s.strip_prefix("header:") {
+                Key::Header(crate::util::header_name("key", h)?)
+            } else if let Some(c) = s.strip_prefix("claim:") {
+                if c.is_empty() {
+                    return Err("key: claim:NAME needs a claim name".into());
+                }
+                Key::Claim(c.to_string())
+            } else {
+                return Err(format!(
+                    "key: {s:?} is not one of client_ip, header:NAME, claim:NAME, consumer, route"
+                ));
+            }
+        }
+    })
+}
+
+/// Whole seconds, rounded up.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl RateLimit {
+    fn new(s: Settings) -> Result<RateLimit, String> {
+        match s.store.as_str() {
+            "local" => {}
+            "redis" => {
+                return Err(
+                    "store: redis (limits shared by replicas) is not supported by this build yet; \
+                     use store: local"
+                        .into(),
+                )
+            }
+            other => return Err(format!("store: {other:?} is not one of local, redis")),
+        }
+        if let Some(o) = &s.on_store_error {
+            return Err(format!(
+                "on_store_error ({o}) applies to store: redis, which this build does not support yet"
+            ));
+        }
+        if s.requests == 0 {
+            return Err("requests: must be at least 1".into());
+        }
+        if s.per.0.is_zero() {
+            return Err("per: must be longer than 0s".into());
+        }
+        let burst = s.burst.unwrap_or(s.requests);
+        let burst_nz = NonZeroU32::new(burst).ok_or("burst: must be at least 1")?;
+        if s.max_keys == 0 {
+            return Err("max_keys: must be at least 1".into());
+        }
+        let interval = s.per.0 / s.requests;
+        let quota = Quota::with_period(interval)
+            .ok_or("requests/per: more than one request per nanosecond")?
+            .allow_burst(burst_nz);
+        let clock = MonotonicClock;
+        let limiter = RateLimiter::<u64, Store, MonotonicClock, NoOpMiddleware<Instant>>::new(
+            quota,
+            Store::new(s.max_keys),
+            clock.clone(),
+        )
+        .with_middleware::<StateInformationMiddleware>();
+        Ok(RateLimit {
+            limiter,
+            clock,
+            key: parse_key(&s.key)?,
+            hasher: std::collections::hash_map::RandomState::new(),
+            burst,
+            interval,
+            limit_value: http::HeaderValue::from(burst),
+            base: Instant::now(),
+            last_gc_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// The digest of this request's key.
+    fn key_of(&self, req: &RequestView<'_>, ctx: &Context) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        let found: Option<std::borrow::Cow<'_, [u8]>> = match &self.key {
+            Key::ClientIp => None,
+            Key::Header(n) => req.headers.get(n).map(|v| v.as_bytes().into()),
+            Key::Claim(c) => ctx
+                .claims
+                .as_ref()
+                .and_then(|cl| cl.get(c))
+                .and_then(|v| match v {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(s) => Some(s.as_bytes().to_vec().into()),
+                    other => Some(other.to_string().into_bytes().into()),
+                }),
+            Key::Consumer => ctx.consumer.as_deref().map(|c| c.as_bytes().into()),
+            Key::Route => Some(ctx.route.as_bytes().into()),
+        };
+        match found {
+            Some(k) => {
+                h.write_u8(1);
+                h.write(&k);
+            }
+            None => {
+                // The fallback key space is separate from the configured one.
+                h.write_u8(2);
+                match ctx.client_ip {
+                    Some(std::net::IpAddr::V4(a)) => h.write(&a.octets()),
+                    Some(std::net::IpAddr::V6(a)) => h.write(&a.octets()),
+                    None => h.write_u8(0),
+                }
+            }
+        }
+        h.finish()
+    }
+
+    fn housekeeping(&self) {
+        let now = self.base.elapsed().as_millis() as u64 + GC_EVERY.as_millis() as u64;
+        let last = self.last_gc_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < GC_EVERY.as_millis() as u64 {
+            return;
+        }
+        if self
+            .last_gc_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.limiter.retain_recent();
+        }
+    }
+
+    /// Decides for one key: Ok(remaining, reset) or Err(retry_after).
+    fn decide(&self, key: u64) -> Result<(u32, Duration), Duration> {
+        match self.limiter.check_key(&key) {
+            Ok(snap) => {
+                let remaining = snap.remaining_burst_capacity().min(self.burst);
+                let reset = self.interval * (self.burst - remaining);
+                Ok((remaining, reset))
+            }
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    /// Number of keys held.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+#[async_trait::async_trait]
+impl Plugin for RateLimit {
+    fn name(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    async fn on_request(&self, req: &mut RequestView<'_>, ctx: &mut Context) -> Flow {
+        self.housekeeping();
+        let key = self.key_of(req, ctx);
+        let limit = (
+            http::HeaderName::from_static("ratelimit-limit"),
+            self.limit_value.clone(),
+        );
+        match self.decide(key) {
+            Ok((remaining, reset)) => {
+                ctx.response_headers.push(limit);
+                ctx.response_headers.push((
+                    http::HeaderName::from_static("ratelimit-remaining"),
+                    http::HeaderValue::from(remaining),
+                ));
+                ctx.response_headers.push((
+                    http::HeaderName::from_static("ratelimit-reset"),
+                    http::HeaderValue::from(ceil_secs(reset)),
+                ));
+                Flow::Continue
+            }
+            Err(wait) => {
+                let retry = ceil_secs(wait).max(1);
+                // Full again once the wait is over and the rest of the bucket refills.
+                let reset = ceil_secs(wait + self.interval * (self.burst - 1));
+                ctx.response_headers.push(limit);
+                ctx.response_headers.push((
+                    http::HeaderName::from_static("ratelimit-remaining"),
+                    http::HeaderValue::from(0u32),
+                ));
+                ctx.response_headers.push((
+                    http::HeaderName::from_static("ratelimit-reset"),
+                    http::HeaderValue::from(reset.max(retry)),
+                ));
+                Flow::Respond(
+                    Reply::error(429, "rate_limited", "too many requests", ctx)
+                        .with_header("retry-after", retry.to_string()),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    fn limiter(yaml: &str) -> RateLimit {
+        RateLimit::new(crate::settings(&serde_yaml::from_str(yaml).unwrap()).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn burst_then_refill() {
+        let p = build("rate_limit: { requests: 10, per: 1s, burst: 5 }").unwrap();
+        let r = Req::get("/");
+        for i in 0..5 {
+            let mut c = ctx();
+            let (f, _) = request(&*p, &r, &mut c).await;
+            assert!(matches!(f, Flow::Continue), "request {i}");
+            assert_eq!(ctx_header(&c, "ratelimit-limit").as_deref(), Some("5"));
+            assert_eq!(
+                ctx_header(&c, "ratelimit-remaining"),
+                Some((4 - i).to_string())
+            );
+        }
+        let mut c = ctx();
+        let rep = reply(request(&*p, &r, &mut c).await.0);
+        assert_eq!(rep.status, 429);
+        assert_eq!(reply_header(&rep, "retry-after"), Some("1"));
+        assert_eq!(ctx_header(&c, "ratelimit-remaining").as_deref(), Some("0"));
+        assert_eq!(ctx_header(&c, "ratelimit-reset").as_deref(), Some("1"));
+        // One interval later, one more fits.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert!(matches!(
+            request(&*p, &r, &mut ctx()).await.0,
+            Flow::Continue
+        ));
+        assert!(matches!(
+            request(&*p, &r, &mut ctx()).await.0,
+            Flow::Respond(_)
+        ));
+    }
+
+    #[test]
+    fn acceptance_rate_over_two_seconds() {
+        // 10/s with burst 5: 100 requests spread over 2 s -> 5 + 20 accepted.
+        let l = limiter("requests: 10\nper: 1s\nburst: 5");
+        let start = Instant::now();
+        let mut ok = 0;
+        for i in 0..100u32 {
+            let due = Duration::from_millis(20 * u64::from(i));
+            if let Some(w) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(w);
+            }
+            if l.decide(7).is_ok() {
+                ok += 1;
+            }
+        }
+        assert!((24..=26).contains(&ok), "{ok} accepted");
+    }
+
+    #[tokio::test]
+    async fn keys_are_independent() {
+        let p = build("rate_limit: { requests: 1, per: 1m, key: 'header:x-user' }").unwrap();
+        let a = Req::get("/").header("x-user", "a");
+        let b = Req::get("/").header("x-user", "b");
+        assert!(matches!(
+            request(&*p, &a, &mut ctx()).await.0,
+            Flow::Continue
+        ));
+        assert!(matches!(
+            request(&*p, &a, &mut ctx()).await.0,
+            Flow::Respond(_)
+        ));
+        assert!(matches!(
+            request(&*p, &b, &mut ctx()).await.0,
+            Flow::Continue
+        ));
+        // Without the header: limited by client IP, separately from header values.
+        let none = Req::get("/");
+        assert!(matches!(
+            request(&*p, &none, &mut ctx()).await.0,
+            Flow::Continue
+        ));
+        let mut other_ip = ctx();
+        other_ip.client_ip = Some("10.0.0.2".parse().unwrap());
+        assert!(matches!(
+            request(&*p, &none, &mut other_ip).await.0,
+            Flow::Continue
+        ));
+        assert!(matches!(
+            request(&*p, &none, &mut ctx()).await.0,
+            Flow::Respond(_)
+        ));
+
+        // Client IPs.
+        let p = build("rate_limit: { requests: 1, per: 1m }").unwrap();
+        let mut c1 = ctx();
+        let mut c2 = ctx();
+        c2.client_ip = Some("::1".parse().unwrap());
+        assert!(matches!(
+            request(&*p, &none, &mut c1).await.0,
+            Flow::Continue
+        ));
+        assert!(matches!(
+            request(&*p, &none, &mut c2).await.0,
+            Flow::Continue
+        ));
+        assert!(matches!(
+            request(&*p, &none, &mut ctx()).await.0,
+            Flow::Respond(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn claim_consumer_and_route_keys() {
+        let p = build("rate_limit: { requests: 1, per: 1m, key: 'claim:sub' }").unwrap();
+        let r = Req::get("/");
+        let mut c = ctx();
+        c.claims = Some(serde_json::json!({"sub": "u1"}));
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+        let mut c = ctx();
+        c.claims = Some(serde_json::json!({"sub": "u1"}));
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Respond(_)));
+        let mut c = ctx();
+        c.claims = Some(serde_json::json!({"sub": "u2"}));
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+
+        let p = build("rate_limit: { requests: 1, per: 1m, key: consumer }").unwrap();
+        let mut c = ctx();
+        c.consumer = Some("x".into());
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+        let mut c = ctx();
+        c.consumer = Some("y".into());
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+
+        let p = build("rate_limit: { requests: 1, per: 1m, key: route }").unwrap();
+        let mut c = ctx();
+        c.client_ip = Some("10.9.9.9".parse().unwrap());
+        assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+        assert!(matches!(
+            request(&*p, &r, &mut ctx()).await.0,
+            Flow::Respond(_)
+        ));
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let l = limiter("requests: 1\nper: 1h\nmax_keys: 1000");
+        for k in 0..50_000u64 {
+            let _ = l.decide(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        assert!(l.keys() <= 1000 + SHARDS, "{} keys", l.keys());
+        // Idle keys go away: with 100/s, a bucket is fresh again after 10 ms.
+        let l = limiter("requests: 100\nper: 1s\nburst: 1");
+        for k in 0..10_000u64 {
+            let _ = l.decide(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        assert_eq!(l.keys(), 10_000);
+        std::thread::sleep(Duration::from_millis(20));
+        l.limiter.retain_recent();
+        assert_eq!(l.keys(), 0);
+    }
+
+    #[test]
+    fn settings_errors() {
+        let e = |y: &str| build(y).err().unwrap();
+        assert!(e("rate_limit: { per: 1s }").contains("requests"));
+        assert!(e("rate_limit: { requests: 0, per: 1s }").contains("at least 1"));
+        assert!(e("rate_limit: { requests: 1, per: 0s }").contains("longer"));
+        assert!(e("rate_limit: { requests: 1, per: 1s, burst: 0 }").contains("burst"));
+        assert!(e("rate_limit: { requests: 1, per: 1s, key: ip }").contains("not one of"));
+        assert!(e("rate_limit: { requests: 1, per: 1s, store: redis }").contains("not supported"));
+        assert!(
+            e("rate_limit: { requests: 1, per: 1s, on_store_error: allow }")
+                .contains("store: redis")
+        );
+        assert!(e("rate_limit: { requests: 1, per: 1s, store: memcache }").contains("local, redis"));
+        assert!(e("rate_limit: { requests: 1, per: 1 }").contains("missing unit"));
+    }
+}
