@@ -136,6 +136,14 @@ impl Admin {
     }
 
     fn refresh_health_gauges(&self, snap: &Snapshot) {
+        self.gw.metrics.registry_instances.reset();
+        for (svc, state, n) in self.gw.registry.counts() {
+            self.gw
+                .metrics
+                .registry_instances
+                .with_label_values(&[&svc, state])
+                .set(n);
+        }
         for (name, up) in &snap.upstreams {
             self.gw
                 .metrics
@@ -153,6 +161,155 @@ impl Admin {
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    address: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scale {
+    replicas: u32,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+impl Admin {
+    fn orchestrator(&self) -> Option<Arc<crate::orchestrator::Orchestrator>> {
+        self.gw.orchestrator.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn registry_api(&self, method: &str, path: &str, body: &[u8]) -> http::Response<Vec<u8>> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        // registry / services / {service} / instances / {id} [/ heartbeat]
+        let (svc, id, heartbeat) = match parts.as_slice() {
+            ["registry", "services", s, "instances", i] => (*s, *i, false),
+            ["registry", "services", s, "instances", i, "heartbeat"] => (*s, *i, true),
+            _ => {
+                return reply(
+                    404,
+                    json!({"error": "not_found", "message": format!("no admin endpoint {path}")}),
+                )
+            }
+        };
+        if !valid_name(svc) || !valid_name(id) {
+            return reply(
+                400,
+                json!({"error": "bad_request", "message": "service and instance ids are [A-Za-z0-9-_.:]"}),
+            );
+        }
+        let reg = &self.gw.registry;
+        match (method, heartbeat) {
+            ("PUT", true) => {
+                if reg.heartbeat(svc, id) {
+                    reply(200, json!({"status": "renewed"}))
+                } else {
+                    reply(
+                        404,
+                        json!({"error": "not_found", "message": format!("{svc}/{id} is not registered")}),
+                    )
+                }
+            }
+            ("PUT", false) => {
+                let r: Registration = match serde_json::from_slice(body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return reply(
+                            400,
+                            json!({"error": "bad_request", "message": format!("invalid registration: {e}")}),
+                        )
+                    }
+                };
+                let ttl = match r.ttl.as_deref().map(crate::config::units::parse_duration) {
+                    None => None,
+                    Some(Ok(t)) if !t.is_zero() => Some(t),
+                    Some(Ok(_)) => None,
+                    Some(Err(e)) => {
+                        return reply(400, json!({"error": "bad_request", "message": e}))
+                    }
+                };
+                match crate::registry::instance(
+                    id,
+                    &r.address,
+                    r.labels,
+                    ttl,
+                    crate::registry::Source::Api,
+                ) {
+                    Ok(i) => {
+                        reg.upsert(svc, i);
+                        reply(
+                            200,
+                            json!({"status": "registered", "service": svc, "id": id}),
+                        )
+                    }
+                    Err(e) => reply(400, json!({"error": "bad_request", "message": e})),
+                }
+            }
+            ("DELETE", false) => match reg.remove(svc, id) {
+                Some(_) => reply(200, json!({"status": "deregistered"})),
+                None => reply(
+                    404,
+                    json!({"error": "not_found", "message": format!("{svc}/{id} is not registered")}),
+                ),
+            },
+            _ => reply(
+                405,
+                json!({"error": "method_not_allowed", "message": format!("{method} is not allowed on {path}")}),
+            ),
+        }
+    }
+
+    fn orchestrator_api(&self, method: &str, path: &str, body: &[u8]) -> http::Response<Vec<u8>> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let ["orchestrator", "deployments", name, "replicas"] = parts.as_slice() else {
+            return reply(
+                404,
+                json!({"error": "not_found", "message": format!("no admin endpoint {path}")}),
+            );
+        };
+        if method != "PUT" {
+            return reply(
+                405,
+                json!({"error": "method_not_allowed", "message": "use PUT"}),
+            );
+        }
+        let s: Scale = match serde_json::from_slice(body) {
+            Ok(s) => s,
+            Err(e) => {
+                return reply(
+                    400,
+                    json!({"error": "bad_request", "message": format!("expected {{\"replicas\": N}}: {e}")}),
+                )
+            }
+        };
+        if s.replicas > 64 {
+            return reply(
+                400,
+                json!({"error": "bad_request", "message": "at most 64 replicas"}),
+            );
+        }
+        match self.orchestrator() {
+            Some(o) if o.scale(name, s.replicas) => {
+                reply(200, json!({"deployment": name, "replicas": s.replicas}))
+            }
+            _ => reply(
+                404,
+                json!({"error": "not_found", "message": format!("no deployment {name}")}),
+            ),
+        }
+    }
+}
+
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -164,8 +321,17 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        // Drain any body so the connection stays usable.
-        while let Ok(Some(_)) = session.read_request_body().await {}
+        // Read the body (bounded) so the connection stays usable.
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            if body.len() + chunk.len() > 1 << 20 {
+                return reply(
+                    413,
+                    json!({"error": "too_large", "message": "admin request bodies are limited to 1 MiB"}),
+                );
+            }
+            body.extend_from_slice(&chunk);
+        }
         if !self.authorized(session) {
             return reply(
                 401,
@@ -230,6 +396,15 @@ impl ServeHttp for Admin {
                 }
             }
             ("GET", "/routes") => reply(200, routes_json(&snap)),
+            ("GET", "/registry/services") => reply(200, self.gw.registry.to_json()),
+            ("GET", "/orchestrator/deployments") => match self.orchestrator() {
+                Some(o) => reply(200, o.to_json()),
+                None => reply(200, json!({"deployments": []})),
+            },
+            (m, p) if p.starts_with("/registry/services/") => self.registry_api(m, p, &body),
+            (m, p) if p.starts_with("/orchestrator/deployments/") => {
+                self.orchestrator_api(m, p, &body)
+            }
             ("GET", "/upstreams") => reply(200, upstreams_json(&snap)),
             (
                 _,

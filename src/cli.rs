@@ -108,7 +108,14 @@ fn check(path: &std::path::Path) -> i32 {
     match config::load_file(path) {
         Ok(cfg) => {
             let m = crate::metrics::Metrics::new();
-            match snapshot::compile(&cfg, None, None, &m, 1) {
+            match snapshot::compile(
+                &cfg,
+                None,
+                None,
+                &m,
+                1,
+                Some(&crate::gateway::static_registry(&cfg)),
+            ) {
                 Ok(s) => {
                     println!(
                         "{}: ok ({} listeners, {} upstreams, {} routes)",
@@ -141,7 +148,14 @@ fn routes(path: &std::path::Path, method: &str, url: &str, headers: &[String], j
         }
     };
     let m = crate::metrics::Metrics::new();
-    let snap = match snapshot::compile(&cfg, None, None, &m, 1) {
+    let snap = match snapshot::compile(
+        &cfg,
+        None,
+        None,
+        &m,
+        1,
+        Some(&crate::gateway::static_registry(&cfg)),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{}: {e}", path.display());

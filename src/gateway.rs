@@ -6,6 +6,7 @@
 use crate::accesslog::AccessLog;
 use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::registry::{Registry, Source};
 use crate::snapshot::{self, Snapshot};
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
@@ -35,6 +36,43 @@ pub struct Gateway {
     /// Runs health checks and other background work.
     pub bg: tokio::runtime::Handle,
     pub access_log: AccessLog,
+    pub registry: Arc<Registry>,
+    /// The embedded orchestrator, when the config has deployments.
+    pub orchestrator: Mutex<Option<Arc<crate::orchestrator::Orchestrator>>>,
+}
+
+/// Puts the config's static registry instances into `reg` (and drops stale ones).
+pub fn sync_static(reg: &Registry, cfg: &Config) {
+    let mut keep = vec![];
+    if let Some(r) = &cfg.registry {
+        for (svc, insts) in &r.services {
+            keep.push(svc.clone());
+            let list = insts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, si)| {
+                    let id = si.id.clone().unwrap_or_else(|| format!("static-{i}"));
+                    crate::registry::instance(
+                        &id,
+                        &si.address,
+                        si.labels.clone(),
+                        None,
+                        Source::Static,
+                    )
+                    .ok()
+                })
+                .collect();
+            reg.sync_source(Source::Static, svc, list);
+        }
+    }
+    reg.drop_static_except(&keep);
+}
+
+/// A registry holding only the config's static instances (for `check` and `routes`).
+pub fn static_registry(cfg: &Config) -> Arc<Registry> {
+    let r = Arc::new(Registry::default());
+    sync_static(&r, cfg);
+    r
 }
 
 /// RFC 3339 UTC time of now.
@@ -82,7 +120,9 @@ impl Gateway {
         access_log: AccessLog,
     ) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::new());
-        let snap = snapshot::compile(&cfg, None, Some(&bg), &metrics, 1)?;
+        let registry = Arc::new(Registry::default());
+        sync_static(&registry, &cfg);
+        let snap = snapshot::compile(&cfg, None, Some(&bg), &metrics, 1, Some(&registry))?;
         metrics.config_version.set(1);
         metrics.reloads.with_label_values(&["ok"]).inc();
         Ok(Arc::new(Gateway {
@@ -97,6 +137,8 @@ impl Gateway {
             reload_lock: Mutex::new(()),
             bg,
             access_log,
+            registry,
+            orchestrator: Mutex::new(None),
         }))
     }
 
@@ -130,8 +172,19 @@ impl Gateway {
             Ok(Some((cfg, text))) => {
                 let prev = self.current();
                 let version = prev.version + 1;
-                match snapshot::compile(&cfg, Some(&prev), Some(&self.bg), &self.metrics, version) {
+                sync_static(&self.registry, &cfg);
+                match snapshot::compile(
+                    &cfg,
+                    Some(&prev),
+                    Some(&self.bg),
+                    &self.metrics,
+                    version,
+                    Some(&self.registry),
+                ) {
                     Ok(snap) => {
+                        if let Some(o) = self.orchestrator.lock().ok().and_then(|g| g.clone()) {
+                            o.apply(&cfg);
+                        }
                         warn_static_changes(&prev.config, &cfg);
                         self.snapshot.store(Arc::new(snap));
                         self.last_text_hash
@@ -157,6 +210,63 @@ impl Gateway {
             errors: errors.clone(),
         });
         Err(errors)
+    }
+}
+
+impl Gateway {
+    /// Recompiles the running config against the registry's current contents (the
+    /// config version stays: only discovered endpoints changed).
+    pub fn recompile(&self, why: &str) {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = self.current();
+        match snapshot::compile(
+            &prev.config,
+            Some(&prev),
+            Some(&self.bg),
+            &self.metrics,
+            prev.version,
+            Some(&self.registry),
+        ) {
+            Ok(snap) => {
+                self.snapshot.store(Arc::new(snap));
+                log::debug!("routing recompiled ({why})");
+            }
+            Err(e) => log::error!("recompile after {why} failed: {e}"),
+        }
+    }
+
+    /// Requests in flight to upstreams that discover `service` (for autoscaling).
+    pub fn inflight_for_service(&self, service: &str) -> i64 {
+        let snap = self.current();
+        snap.upstreams
+            .values()
+            .filter(|u| {
+                u.spec.discovery.as_ref().and_then(|d| d.service.as_deref()) == Some(service)
+            })
+            .map(|u| u.inflight.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Starts the registry's background work: TTL expiry, and recompiling routing
+    /// whenever the registry changes (debounced a little, so a burst is one swap).
+    pub fn start_registry_tasks(self: &Arc<Self>) {
+        let gw = Arc::clone(self);
+        self.bg.spawn(async move {
+            let mut rx = gw.registry.subscribe();
+            while rx.changed().await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                rx.borrow_and_update();
+                let g = Arc::clone(&gw);
+                let _ = tokio::task::spawn_blocking(move || g.recompile("registry change")).await;
+            }
+        });
+        let gw = Arc::clone(self);
+        self.bg.spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                gw.registry.expire();
+            }
+        });
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub config_version: IntGauge,
     pub plugin_rejections: IntCounterVec,
     pub breaker_open: IntGaugeVec,
+    pub registry_instances: IntGaugeVec,
+    pub orchestrator_restarts: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,6 +89,22 @@ impl Metrics {
             &["upstream"],
         )
         .expect("static metric definition");
+        let registry_instances = IntGaugeVec::new(
+            Opts::new(
+                "portico_registry_instances",
+                "Registry instances, by service and state",
+            ),
+            &["service", "state"],
+        )
+        .expect("static metric definition");
+        let orchestrator_restarts = IntCounterVec::new(
+            Opts::new(
+                "portico_orchestrator_restarts_total",
+                "Replica restarts after an exit or failed liveness probe",
+            ),
+            &["deployment"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -97,6 +115,8 @@ impl Metrics {
             Box::new(config_version.clone()),
             Box::new(plugin_rejections.clone()),
             Box::new(breaker_open.clone()),
+            Box::new(registry_instances.clone()),
+            Box::new(orchestrator_restarts.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -113,6 +133,8 @@ impl Metrics {
             config_version,
             plugin_rejections,
             breaker_open,
+            registry_instances,
+            orchestrator_restarts,
         }
     }
 

@@ -80,6 +80,9 @@ fn exit_when_idle(gw: Arc<Gateway>, grace: Duration) {
             } else {
                 log::info!("all requests finished; exiting");
             }
+            if let Some(o) = gw.orchestrator.lock().ok().and_then(|g| g.clone()) {
+                o.shutdown(Duration::from_secs(15));
+            }
             gw.access_log.flush();
             std::process::exit(0);
         });
@@ -224,6 +227,25 @@ pub fn run(path: PathBuf) -> i32 {
         );
     }
     crate::reload::on_sighup(Arc::clone(&gw));
+    gw.start_registry_tasks();
+    if cfg.orchestrator.is_some() {
+        let weak = Arc::downgrade(&gw);
+        let load: crate::orchestrator::LoadFn = Arc::new(move |service: &str| {
+            weak.upgrade()
+                .map(|g| g.inflight_for_service(service))
+                .unwrap_or(0)
+        });
+        let o = crate::orchestrator::Orchestrator::start(
+            &cfg,
+            Arc::clone(&gw.registry),
+            gw.bg.clone(),
+            Arc::clone(&gw.metrics),
+            load,
+        );
+        if let Ok(mut g) = gw.orchestrator.lock() {
+            *g = Some(o);
+        }
+    }
     mark_ready_when_bound(Arc::clone(&gw), addrs);
     log::info!("portico starting with {}", path.display());
     let signals = Signals {

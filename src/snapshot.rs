@@ -166,17 +166,48 @@ pub fn compile(
     rt: Option<&tokio::runtime::Handle>,
     metrics: &crate::metrics::Metrics,
     version: u64,
+    registry: Option<&Arc<crate::registry::Registry>>,
 ) -> Result<Snapshot, String> {
     let mut upstreams = BTreeMap::new();
     for (name, spec) in &cfg.upstreams {
         let old = prev.and_then(|p| p.upstreams.get(name));
+        let resolved: Vec<model::EndpointSpec> = match &spec.discovery {
+            Some(d) => {
+                let service = match &d.service {
+                    Some(s) => s.clone(),
+                    None => crate::registry::dns::service_name(d),
+                };
+                let sel = match &d.selector {
+                    Some(s) => crate::registry::selector::Selector::parse(s)
+                        .map_err(|e| format!("upstream {name}: {e}"))?,
+                    None => Default::default(),
+                };
+                registry
+                    .map(|r| r.endpoints(&service, &sel))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(model::EndpointSpec::Plain)
+                    .collect()
+            }
+            None => spec.endpoints.clone(),
+        };
         let up = match old {
-            Some(o) if o.spec == *spec => Arc::clone(o),
+            Some(o) if o.spec == *spec && o.resolved == resolved => Arc::clone(o),
             _ => {
-                let up = Arc::new(Upstream::compile(name, spec, old.map(|o| o.as_ref())));
+                let up = Arc::new(Upstream::compile(
+                    name,
+                    spec,
+                    resolved,
+                    old.map(|o| o.as_ref()),
+                ));
                 if let Some(rt) = rt {
                     health::spawn(rt, &up);
                     crate::upstream::outlier::spawn(rt, &up);
+                    if let (Some(d), Some(reg)) = (&spec.discovery, registry) {
+                        if d.dns.is_some() {
+                            crate::registry::dns::spawn(rt, &up, d.clone(), Arc::clone(reg));
+                        }
+                    }
                 }
                 up
             }

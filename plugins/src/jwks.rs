@@ -190,6 +190,8 @@ pub struct Jwks {
     base: Instant,
     /// Milliseconds since `base` (+1) of the last successful fetch; 0 = never.
     last_success_ms: AtomicU64,
+    /// Milliseconds since `base` (+1) of the last background refresh attempt; 0 = never.
+    last_refresh_ms: AtomicU64,
     /// When the last unknown-kid refetch started; serializes fetches.
     fetch: tokio::sync::Mutex<Option<Instant>>,
     refreshing: AtomicBool,
@@ -212,6 +214,7 @@ impl Jwks {
             generation: AtomicU64::new(0),
             base,
             last_success_ms: AtomicU64::new(last),
+            last_refresh_ms: AtomicU64::new(0),
             fetch: tokio::sync::Mutex::new(None),
             refreshing: AtomicBool::new(false),
         })
@@ -240,14 +243,20 @@ impl Jwks {
         self.current().get(kid)
     }
 
-    /// Starts a background refresh when the set is older than `jwks_refresh`.
+    /// Starts a background refresh when the set is older than `jwks_refresh`; after a
+    /// failed one, the next waits `jwks_min_refetch` (at least a second), so an
+    /// unreachable key server is not hammered.
     fn maybe_refresh(self: &Arc<Self>) {
         let last = self.last_success_ms.load(Ordering::Relaxed);
         let now = self.base.elapsed().as_millis() as u64 + 1;
         let stale = last == 0 || now.saturating_sub(last) >= self.refresh.as_millis() as u64;
-        if !stale || self.refreshing.swap(true, Ordering::AcqRel) {
+        let tried = self.last_refresh_ms.load(Ordering::Relaxed);
+        let pause = self.min_refetch.max(Duration::from_secs(1)).as_millis() as u64;
+        let due = tried == 0 || now.saturating_sub(tried) >= pause;
+        if !stale || !due || self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.last_refresh_ms.store(now, Ordering::Relaxed);
         let this = Arc::clone(self);
         let seen = self.generation.load(Ordering::Acquire);
         tokio::spawn(async move {

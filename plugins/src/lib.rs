@@ -321,6 +321,12 @@ impl Registry {
     }
 }
 
+/// The README's worked example (a complete plugin and its registration), compiled and
+/// run by `cargo test` as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Helpers for the plugins' unit tests: requests, contexts and hook runners.
 #[cfg(test)]
 pub(crate) mod testutil {

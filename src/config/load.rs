@@ -346,8 +346,30 @@ pub fn load_str(file: &str, text: &str) -> Result<(Config, Positions), Vec<Confi
                         cfg.trusted_proxies = a;
                     }
                 }
-                "registry" => cfg.registry = Some(v.clone()),
-                "orchestrator" => cfg.orchestrator = Some(v.clone()),
+                "registry" => cfg.registry = check(v, key, &mut errs),
+                "orchestrator" => {
+                    if let serde_yaml::Value::Mapping(m) = v {
+                        for (k2, v2) in m {
+                            match k2.as_str() {
+                                Some("deployments") => {
+                                    let deployments =
+                                        each_item(v2, "orchestrator.deployments", &mut errs);
+                                    cfg.orchestrator =
+                                        Some(super::model::Orchestrator { deployments });
+                                }
+                                other => errs.at_key(
+                                    &format!("orchestrator.{}", other.unwrap_or("?")),
+                                    format!(
+                                        "unknown key `{}`, expected deployments",
+                                        other.unwrap_or("?")
+                                    ),
+                                ),
+                            }
+                        }
+                    } else if !v.is_null() {
+                        errs.at(key, "`orchestrator` must be a mapping with `deployments`");
+                    }
+                }
                 "redis" => cfg.redis = Some(v.clone()),
                 "kubernetes" => cfg.kubernetes = Some(v.clone()),
                 other => errs.at_key(

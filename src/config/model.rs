@@ -28,9 +28,9 @@ pub struct Config {
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
     #[serde(default)]
-    pub registry: Option<serde_yaml::Value>,
+    pub registry: Option<RegistryConfig>,
     #[serde(default)]
-    pub orchestrator: Option<serde_yaml::Value>,
+    pub orchestrator: Option<Orchestrator>,
     #[serde(default)]
     pub redis: Option<serde_yaml::Value>,
     #[serde(default)]
@@ -161,7 +161,7 @@ pub struct Upstream {
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
     #[serde(default)]
-    pub discovery: Option<serde_yaml::Value>,
+    pub discovery: Option<Discovery>,
     #[serde(default)]
     pub balance: Balance,
     #[serde(default)]
@@ -638,4 +638,187 @@ impl Default for Backoff {
             max: default_backoff_max(),
         }
     }
+}
+
+/// The service registry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `embedded` (default) or `etcd`.
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub etcd: Option<serde_yaml::Value>,
+    /// Static instances: service -> list of `{ id, address, labels }`.
+    #[serde(default)]
+    pub services: BTreeMap<String, Vec<StaticInstance>>,
+}
+
+/// An instance written in the config file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticInstance {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where an upstream's endpoints come from instead of `endpoints`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// Registry service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Label selector: a map of equalities, or a string such as
+    /// `"version in (v1,v2), tier != canary, !legacy, zone"`.
+    #[serde(default)]
+    pub selector: Option<SelectorSpec>,
+    /// DNS name and port (`name:port`), resolved for A/AAAA, or an SRV name
+    /// (`_http._tcp.example.internal`), whose records carry the ports.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// How often DNS is resolved again.
+    #[serde(default)]
+    pub refresh: Option<Dur>,
+    /// DNS server to ask (`IP:PORT`); the system's resolvers by default.
+    #[serde(default)]
+    pub resolver: Option<String>,
+}
+
+/// A selector in either written form.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum SelectorSpec {
+    Map(BTreeMap<String, String>),
+    Expr(String),
+}
+
+/// The embedded orchestrator.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Orchestrator {
+    #[serde(default)]
+    pub deployments: Vec<Deployment>,
+}
+
+/// Replicas of one local service.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub name: String,
+    /// Registry service the replicas register under.
+    pub service: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one_u32")]
+    pub replicas: u32,
+    /// Program and arguments; `{port}` is replaced by the replica's port.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub readiness: Probe,
+    #[serde(default)]
+    pub liveness: Option<Probe>,
+    #[serde(default)]
+    pub restart_backoff: RestartBackoff,
+    /// Extra replicas allowed during a rolling update.
+    #[serde(default = "one_u32")]
+    pub max_surge: u32,
+    /// Replicas that may be missing during a rolling update.
+    #[serde(default)]
+    pub max_unavailable: u32,
+    /// SIGTERM, then SIGKILL after this long.
+    #[serde(default = "default_stop_grace")]
+    pub grace_period: Dur,
+    #[serde(default)]
+    pub autoscale: Option<Autoscale>,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+fn default_stop_grace() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+
+/// An HTTP probe.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    #[serde(default = "default_probe_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Dur,
+    /// Failures in a row before acting (liveness: restart).
+    #[serde(default = "default_three")]
+    pub failure_threshold: u32,
+}
+
+fn default_probe_interval() -> Dur {
+    Dur(std::time::Duration::from_millis(500))
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            path: default_hc_path(),
+            interval: default_probe_interval(),
+            timeout: default_hc_timeout(),
+            failure_threshold: default_three(),
+        }
+    }
+}
+
+/// Exponential restart backoff bounds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBackoff {
+    #[serde(default = "default_backoff_min")]
+    pub min: Dur,
+    #[serde(default = "default_backoff_max_restart")]
+    pub max: Dur,
+}
+
+fn default_backoff_min() -> Dur {
+    Dur(std::time::Duration::from_millis(500))
+}
+fn default_backoff_max_restart() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        RestartBackoff {
+            min: default_backoff_min(),
+            max: default_backoff_max_restart(),
+        }
+    }
+}
+
+/// Scaling driven by the gateway's own in-flight measurements.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    /// Wanted in-flight requests per replica.
+    pub target_inflight: u32,
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Dur,
+    /// With `min: 0`: idle this long before scaling to zero.
+    #[serde(default = "default_idle")]
+    pub idle_after: Dur,
+}
+
+fn default_cooldown() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_idle() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
 }

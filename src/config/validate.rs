@@ -77,11 +77,52 @@ pub fn validate(
         if u.endpoints.is_empty() && u.discovery.is_none() {
             errs.at(&p, format!("upstream `{name}` has no `endpoints`"));
         }
-        if u.discovery.is_some() {
+        if !u.endpoints.is_empty() && u.discovery.is_some() {
             errs.at(
                 &format!("{p}.discovery"),
-                "registry discovery is not supported by this build yet",
+                "use either `endpoints` or `discovery`, not both",
             );
+        }
+        if let Some(d) = &u.discovery {
+            let dp = format!("{p}.discovery");
+            match (&d.service, &d.dns) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => errs.at(
+                    &dp,
+                    "discovery needs exactly one of `service` (registry) and `dns`",
+                ),
+            }
+            if let Some(sel) = &d.selector {
+                if let Err(e) = crate::registry::selector::Selector::parse(sel) {
+                    errs.at(&format!("{dp}.selector"), e);
+                }
+                if d.dns.is_some() {
+                    errs.at(
+                        &format!("{dp}.selector"),
+                        "a selector applies to registry services, not to DNS",
+                    );
+                }
+            }
+            if let Some(dns) = &d.dns {
+                let ok = dns.starts_with('_')
+                    || dns
+                        .rsplit_once(':')
+                        .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+                if !ok {
+                    errs.at(&format!("{dp}.dns"), format!("`{dns}` must be `name:port` or an SRV name such as `_http._tcp.example`"));
+                }
+            }
+            if let Some(r) = &d.resolver {
+                if r.parse::<SocketAddr>().is_err() {
+                    errs.at(
+                        &format!("{dp}.resolver"),
+                        format!("invalid resolver `{r}` (expected IP:PORT)"),
+                    );
+                }
+            }
+            if d.refresh.is_some_and(|r| r.0.is_zero()) {
+                errs.at(&format!("{dp}.refresh"), "must be above zero");
+            }
         }
         for (j, e) in u.endpoints.iter().enumerate() {
             let ep = format!("{p}.endpoints[{j}]");
@@ -197,10 +238,81 @@ pub fn validate(
     for (i, e) in cfg.plugins.iter().enumerate() {
         validate_plugin(e, &format!("plugins[{i}]"), errs);
     }
-    for key in ["registry", "orchestrator", "redis", "kubernetes"] {
+    if let Some(r) = &cfg.registry {
+        match r.backend.as_deref() {
+            None | Some("embedded") => {}
+            Some("etcd") => errs.at(
+                "registry.backend",
+                "the etcd backend is not supported by this build yet",
+            ),
+            Some(b) => errs.at(
+                "registry.backend",
+                format!("unknown backend `{b}` (embedded or etcd)"),
+            ),
+        }
+        for (svc, insts) in &r.services {
+            for (j, i) in insts.iter().enumerate() {
+                if resolve(&i.address).is_none() {
+                    errs.at(
+                        &format!("registry.services.{svc}[{j}].address"),
+                        format!("invalid address `{}` (expected host:port)", i.address),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(o) = &cfg.orchestrator {
+        let mut seen = HashSet::new();
+        for (i, d) in o.deployments.iter().enumerate() {
+            let p = format!("orchestrator.deployments[{i}]");
+            if !seen.insert(d.name.clone()) {
+                errs.at(
+                    &format!("{p}.name"),
+                    format!("duplicate deployment name `{}`", d.name),
+                );
+            }
+            if d.command.is_empty() || d.command[0].is_empty() {
+                errs.at(
+                    &format!("{p}.command"),
+                    "command needs at least the program to run",
+                );
+            }
+            if d.service.is_empty() {
+                errs.at(&format!("{p}.service"), "service must not be empty");
+            }
+            if !d.readiness.path.starts_with('/') {
+                errs.at(&format!("{p}.readiness.path"), "must start with /");
+            }
+            if d.replicas > 64 {
+                errs.at(
+                    &format!("{p}.replicas"),
+                    "at most 64 replicas per deployment",
+                );
+            }
+            if d.restart_backoff.min.0 > d.restart_backoff.max.0 {
+                errs.at(
+                    &format!("{p}.restart_backoff"),
+                    "`min` must not exceed `max`",
+                );
+            }
+            if let Some(a) = &d.autoscale {
+                if a.max == 0 || a.min > a.max || a.max > 64 {
+                    errs.at(
+                        &format!("{p}.autoscale"),
+                        "needs 0 <= min <= max, 1 <= max <= 64",
+                    );
+                }
+                if a.target_inflight == 0 {
+                    errs.at(
+                        &format!("{p}.autoscale.target_inflight"),
+                        "must be at least 1",
+                    );
+                }
+            }
+        }
+    }
+    for key in ["redis", "kubernetes"] {
         let present = match key {
-            "registry" => cfg.registry.is_some(),
-            "orchestrator" => cfg.orchestrator.is_some(),
             "redis" => cfg.redis.is_some(),
             _ => cfg.kubernetes.is_some(),
         };

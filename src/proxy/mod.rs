@@ -251,6 +251,44 @@ impl Proxy {
         }
     }
 
+    /// An upstream discovered from a service scaled to zero: ask the orchestrator for
+    /// a replica and wait (bounded) until routing has one.
+    async fn wait_for_scale_up(&self, ctx: &mut Ctx) -> bool {
+        let Some(up) = ctx.upstream.clone() else {
+            return false;
+        };
+        let Some(service) = up.spec.discovery.as_ref().and_then(|d| d.service.clone()) else {
+            return false;
+        };
+        if !up.endpoints.is_empty() {
+            return false; // endpoints exist; they are just unhealthy
+        }
+        let Some(o) = self.gw.orchestrator.lock().ok().and_then(|g| g.clone()) else {
+            return false;
+        };
+        if !o.wake_service(&service) {
+            return false;
+        }
+        let limit = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.timeout)
+            .unwrap_or(std::time::Duration::from_secs(30))
+            .min(std::time::Duration::from_secs(30));
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let snap = self.gw.current();
+            if let Some(u) = snap.upstreams.get(&*up.name) {
+                if !u.endpoints.is_empty() {
+                    ctx.upstream = Some(Arc::clone(u));
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Whether this failed try may be retried under the route's policy; takes a token
     /// from the upstream's retry budget when it may.
     fn may_retry(&self, session: &Session, ctx: &Ctx, kind: RetryKind) -> bool {
@@ -578,7 +616,11 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
-        match self.pick(ctx, session) {
+        let mut picked = self.pick(ctx, session);
+        if matches!(picked, Pick::NoEndpoint) && self.wait_for_scale_up(ctx).await {
+            picked = self.pick(ctx, session);
+        }
+        match picked {
             Pick::Ok => {}
             p => {
                 let name = ctx

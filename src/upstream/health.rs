@@ -76,14 +76,29 @@ fn record(upstream: &str, ep: &Endpoint, hc: &HealthCheck, ok: bool) {
     }
 }
 
-/// One probe: `GET path` over a new connection; any 2xx or 3xx is healthy.
+/// Where a probe goes.
+pub struct ProbeTarget {
+    pub addr: std::net::SocketAddr,
+    /// Host header.
+    pub host: String,
+}
+
+/// One probe of an upstream endpoint.
 pub async fn probe(ep: &Endpoint, hc: &HealthCheck) -> bool {
+    let t = ProbeTarget {
+        addr: ep.addr,
+        host: hc.host.clone().unwrap_or_else(|| ep.label.clone()),
+    };
+    probe_target(&t, &hc.path, hc.timeout.0).await
+}
+
+/// `GET path` over a new connection; any 2xx or 3xx within `timeout` is healthy.
+pub async fn probe_target(t: &ProbeTarget, path: &str, timeout: Duration) -> bool {
     let fut = async {
-        let mut s = TcpStream::connect(ep.addr).await.ok()?;
-        let host = hc.host.as_deref().unwrap_or(&ep.label);
+        let mut s = TcpStream::connect(t.addr).await.ok()?;
         let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portico-health-check\r\nConnection: close\r\n\r\n",
-            hc.path
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: portico-health-check\r\nConnection: close\r\n\r\n",
+            t.host
         );
         s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = [0u8; 64];
@@ -100,7 +115,7 @@ pub async fn probe(ep: &Endpoint, hc: &HealthCheck) -> bool {
         Some((200..400).contains(&code))
     };
     matches!(
-        tokio::time::timeout(hc.timeout.0.max(Duration::from_millis(1)), fut).await,
+        tokio::time::timeout(timeout.max(Duration::from_millis(1)), fut).await,
         Ok(Some(true))
     )
 }

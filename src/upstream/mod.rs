@@ -85,6 +85,8 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// The config it was compiled from: reused as-is when a reload leaves it equal.
     pub spec: model::Upstream,
+    /// The endpoint list it was built from (config or discovery).
+    pub resolved: Vec<model::EndpointSpec>,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub balancer: Balancer,
     pub host: Option<http::HeaderValue>,
@@ -100,12 +102,17 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds an upstream, reusing endpoint state from `prev` for addresses it had.
-    pub fn compile(name: &str, spec: &model::Upstream, prev: Option<&Upstream>) -> Upstream {
+    /// `resolved` is the endpoint list: `spec.endpoints`, or what discovery found.
+    pub fn compile(
+        name: &str,
+        spec: &model::Upstream,
+        resolved: Vec<model::EndpointSpec>,
+        prev: Option<&Upstream>,
+    ) -> Upstream {
         let old: HashMap<&str, &Arc<Endpoint>> = prev
             .map(|p| p.endpoints.iter().map(|e| (e.label.as_str(), e)).collect())
             .unwrap_or_default();
-        let endpoints: Vec<Arc<Endpoint>> = spec
-            .endpoints
+        let endpoints: Vec<Arc<Endpoint>> = resolved
             .iter()
             .filter_map(|e| {
                 let label = e.address();
@@ -126,6 +133,7 @@ impl Upstream {
         Upstream {
             name: Arc::from(name),
             spec: spec.clone(),
+            resolved,
             balancer,
             host: spec
                 .host
