@@ -45,6 +45,9 @@ impl ShutdownSignalWatch for Signals {
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => {
+                if let Some(o) = self.gw.orchestrator.lock().ok().and_then(|g| g.clone()) {
+                    let _ = tokio::task::spawn_blocking(move || o.shutdown(Duration::from_secs(5))).await;
+                }
                 self.gw.access_log.flush();
                 ShutdownSignal::FastShutdown
             }

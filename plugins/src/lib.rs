@@ -133,10 +133,112 @@ pub fn add_vary(resp: &mut ResponseView<'_>, token: &str) {
 
 /// Deserializes a plugin's settings strictly into `T` (a `#[serde(deny_unknown_fields)]`
 /// struct). An entry written without settings (`- cors:`) counts as an empty map.
+/// Errors start with the path of the offending setting (`per: ...`, `inner.key: ...`;
+/// an unknown field's error with the path of the map that has it), which
+/// [`EntryError::location`] turns back into a place in the file.
 pub fn settings<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value) -> Result<T, String> {
     let empty = serde_yaml::Value::Mapping(serde_yaml::Mapping::new());
     let v = if v.is_null() { &empty } else { v };
-    serde_yaml::from_value(v.clone()).map_err(|e| e.to_string())
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        let at = if inner.starts_with("unknown field") {
+            // The path ends with the unknown key itself: name the map that has it.
+            match path.rfind('.') {
+                Some(i) => path[..i].to_string(),
+                None => String::new(),
+            }
+        } else {
+            path
+        };
+        if at.is_empty() || at == "." {
+            inner
+        } else {
+            format!("{at}: {inner}")
+        }
+    })
+}
+
+/// Where in a plugin entry's settings an error points, relative to the settings map:
+/// `burts`, `allow[1]`, `request.set.x-env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// Dotted keys, `[i]` for list items.
+    pub path: String,
+    /// The error is about the key itself (an unknown field), not its value.
+    pub key: bool,
+}
+
+/// The value at `path` (`a.b[1].c`) inside `v`.
+fn lookup<'a>(v: &'a serde_yaml::Value, path: &str) -> Option<&'a serde_yaml::Value> {
+    let mut cur = v;
+    for seg in path.split('.') {
+        let (key, idx) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !key.is_empty() {
+            cur = cur
+                .as_mapping()?
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v)?;
+        }
+        for part in idx.split('[').filter(|p| !p.is_empty()) {
+            let i: usize = part.strip_suffix(']')?.parse().ok()?;
+            cur = cur.as_sequence()?.get(i)?;
+        }
+    }
+    Some(cur)
+}
+
+fn scalar_text(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Finds the setting a plugin's error message is about (see [`settings`]).
+fn locate(settings: &serde_yaml::Value, message: &str) -> Option<Location> {
+    let path_like = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.[]".contains(&b))
+    };
+    let (prefix, rest) = match message.split_once(": ") {
+        Some((p, r)) if path_like(p) && lookup(settings, p).is_some() => (Some(p), r),
+        _ => (None, message),
+    };
+    if let Some(field) = rest
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+    {
+        let path = match prefix {
+            Some(p) => format!("{p}.{field}"),
+            None => field.to_string(),
+        };
+        return lookup(settings, &path).map(|_| Location { path, key: true });
+    }
+    let p = prefix?;
+    if let Some(seq) = lookup(settings, p).and_then(|v| v.as_sequence()) {
+        for (i, item) in seq.iter().enumerate() {
+            if let Some(t) = scalar_text(item) {
+                if rest.contains(&format!("{t:?}")) || rest.contains(&format!("`{t}`")) {
+                    return Some(Location {
+                        path: format!("{p}[{i}]"),
+                        key: false,
+                    });
+                }
+            }
+        }
+    }
+    Some(Location {
+        path: p.to_string(),
+        key: false,
+    })
 }
 
 /// The request as plugins see it: method, path, query and headers (read-only), and
@@ -245,6 +347,19 @@ pub enum EntryError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl EntryError {
+    /// Where in `entry`'s settings this error points, for line/column reporting: the
+    /// gateway reports it at `<entry path>.<plugin>.<location.path>` (the key itself
+    /// when `location.key`), else at the entry.
+    pub fn location(&self, entry: &serde_yaml::Value) -> Option<Location> {
+        let EntryError::Settings { message, .. } = self else {
+            return None;
+        };
+        let (_, settings) = Registry::split(entry).ok()?;
+        locate(settings, message)
+    }
 }
 
 /// The known plugin factories, by name.
@@ -511,6 +626,50 @@ mod tests {
                 "rate_limit",
                 "request_size"
             ]
+        );
+    }
+
+    #[test]
+    fn error_locations() {
+        let r = Registry::builtin();
+        let loc = |y: &str| {
+            let v: serde_yaml::Value = serde_yaml::from_str(y).unwrap();
+            let e = r.build(&v).err().unwrap();
+            e.location(&v).map(|l| (l.path, l.key))
+        };
+        assert_eq!(
+            loc("rate_limit: { requests: 10, per: 1s, burts: 5 }"),
+            Some(("burts".into(), true))
+        );
+        assert_eq!(
+            loc("ip_filter: { allow: [10.0.0.0/8, 10.0.0.0/33] }"),
+            Some(("allow[1]".into(), false))
+        );
+        assert_eq!(
+            loc("rate_limit: { requests: x, per: 1s }"),
+            Some(("requests".into(), false))
+        );
+        assert_eq!(
+            loc("rate_limit: { requests: 1, per: 1 }"),
+            Some(("per".into(), false))
+        );
+        assert_eq!(
+            loc("headers: { request: { sett: {} } }"),
+            Some(("request.sett".into(), true))
+        );
+        assert_eq!(
+            loc("headers: { request: { set: { 'bad name': x } } }"),
+            Some(("request.set".into(), false))
+        );
+        assert_eq!(
+            loc("jwt: { algorithms: [HS256, XX1], secret: s }"),
+            Some(("algorithms[1]".into(), false))
+        );
+        assert_eq!(loc("jwt: { algorithms: [HS256] }"), None);
+        assert_eq!(
+            loc("rate_limit: { per: 1s }"),
+            None,
+            "missing field: the entry"
         );
     }
 
