@@ -20,6 +20,7 @@ mod reload;
 mod router;
 mod server;
 mod snapshot;
+mod tls;
 mod upstream;
 
 fn main() {

@@ -181,38 +181,54 @@ pub fn run(path: PathBuf) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    // One proxy service per protocol setting: listeners with `http2: true` also accept
-    // HTTP/2 with prior knowledge (h2c) next to HTTP/1.1.
+    // One proxy service per listener: each has its own scheme, TLS acceptor and edge
+    // settings. Listeners with `http2: true` speak h2 (ALPN on TLS, h2c on plain).
     let l4 = L4BufferSettings {
         read: Some(16 * 1024),
         write: None,
     };
     let mut addrs = vec![];
-    for h2c in [false, true] {
-        let group: Vec<_> = cfg.listeners.iter().filter(|l| l.http2 == h2c).collect();
-        if group.is_empty() {
-            continue;
-        }
+    let mut watched_certs = vec![];
+    for l in &cfg.listeners {
+        let edge = match crate::proxy::ListenerRt::new(l) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("{}: listener {}: {e}", path.display(), l.name);
+                return 1;
+            }
+        };
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             Proxy {
                 gw: Arc::clone(&gw),
-                scheme: "http",
+                edge: Arc::new(edge),
                 keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
             },
-            if h2c { "portico-h2c" } else { "portico" },
+            &format!("portico {}", l.name),
         );
         if let Some(app) = proxy.app_logic_mut() {
             let mut opts = pingora::apps::HttpServerOptions::default();
-            opts.h2c = h2c;
+            opts.h2c = l.http2 && l.tls.is_none();
             app.server_options = Some(opts);
         }
-        for l in group {
-            proxy.add_listener(ListenerConfig::tcp(&l.bind).l4_buffer(l4));
-            addrs.push(l.bind.clone());
+        let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4);
+        if let Some(t) = &l.tls {
+            match crate::tls::settings(&l.name, t, l.http2) {
+                Ok((settings, sni)) => {
+                    lc = lc.tls(settings);
+                    watched_certs.push((sni, t.clone()));
+                }
+                Err(e) => {
+                    eprintln!("{}: listener {}: {e}", path.display(), l.name);
+                    return 1;
+                }
+            }
         }
+        proxy.add_listener(lc);
+        addrs.push(l.bind.clone());
         server.add_service(proxy);
     }
+    crate::tls::watch(watched_certs);
     let mut admin = pingora::services::listening::Service::new(
         "portico-admin".to_string(),
         Admin {

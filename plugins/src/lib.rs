@@ -203,15 +203,24 @@ fn scalar_text(v: &serde_yaml::Value) -> Option<String> {
 
 /// Finds the setting a plugin's error message is about (see [`settings`]).
 fn locate(settings: &serde_yaml::Value, message: &str) -> Option<Location> {
-    let path_like = |p: &str| {
-        !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.[]".contains(&b))
+    // The longest leading part of `p` (cut at dots) that names a setting.
+    let resolve = |p: &str| -> Option<String> {
+        let mut cand = p;
+        loop {
+            if !cand.is_empty() && lookup(settings, cand).is_some() {
+                return Some(cand.to_string());
+            }
+            cand = &cand[..cand.rfind('.')?];
+        }
     };
     let (prefix, rest) = match message.split_once(": ") {
-        Some((p, r)) if path_like(p) && lookup(settings, p).is_some() => (Some(p), r),
+        Some((p, r)) if !p.chars().any(char::is_control) => match resolve(p) {
+            Some(found) => (Some(found), r),
+            None => (None, message),
+        },
         _ => (None, message),
     };
+    let prefix = prefix.as_deref();
     if let Some(field) = rest
         .strip_prefix("unknown field `")
         .and_then(|r| r.split('`').next())
@@ -659,13 +668,17 @@ mod tests {
         );
         assert_eq!(
             loc("headers: { request: { set: { 'bad name': x } } }"),
-            Some(("request.set".into(), false))
+            Some(("request.set.bad name".into(), false))
         );
         assert_eq!(
             loc("jwt: { algorithms: [HS256, XX1], secret: s }"),
             Some(("algorithms[1]".into(), false))
         );
         assert_eq!(loc("jwt: { algorithms: [HS256] }"), None);
+        assert_eq!(
+            loc("jwt: { algorithms: [HS256], secret: s, forward_claims: { a.b: 'x y' } }"),
+            Some(("forward_claims".into(), false))
+        );
         assert_eq!(
             loc("rate_limit: { per: 1s }"),
             None,

@@ -44,9 +44,78 @@ pub struct Listener {
     pub name: String,
     pub bind: String,
     #[serde(default)]
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<ListenerTls>,
+    /// HTTP/2: ALPN `h2` on TLS listeners, prior-knowledge h2c on plain ones.
     #[serde(default)]
     pub http2: bool,
+    /// Plain listeners: answer every request with a redirect to HTTPS (`true` for
+    /// port 443, or `{ port: 8443 }`).
+    #[serde(default)]
+    pub redirect_https: Option<RedirectHttps>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Certificate and key files; SNI picks one by the names in its SANs, the first is
+    /// the default.
+    #[serde(default)]
+    pub certificates: Vec<CertPair>,
+    /// A folder of `NAME.crt` + `NAME.key` pairs (also `.pem`/`.key`).
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// "1.2" (default) or "1.3".
+    #[serde(default)]
+    pub min_version: Option<String>,
+    /// CA bundle for client certificates (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<String>,
+    /// `required` (default when `client_ca` is set) or `optional`.
+    #[serde(default)]
+    pub client_auth: Option<String>,
+    /// Header carrying the verified client certificate's subject upstream.
+    #[serde(default = "default_subject_header")]
+    pub client_subject_header: String,
+    /// Adds `Strict-Transport-Security` to responses.
+    #[serde(default)]
+    pub hsts: Option<Hsts>,
+}
+
+fn default_subject_header() -> String {
+    "x-client-cert-subject".into()
+}
+
+/// A certificate chain file and its key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: String,
+    pub key: String,
+}
+
+/// HSTS settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hsts {
+    #[serde(default = "default_hsts_age")]
+    pub max_age: Dur,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
+}
+
+fn default_hsts_age() -> Dur {
+    Dur(std::time::Duration::from_secs(31_536_000))
+}
+
+/// `redirect_https: true` or `{ port: N }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum RedirectHttps {
+    Flag(bool),
+    Port { port: u16 },
 }
 
 /// The admin listener.

@@ -30,11 +30,54 @@ pub fn validate(
                 format!("invalid bind address `{}` (expected IP:PORT)", l.bind),
             );
         }
-        if l.tls.is_some() {
-            errs.at(
-                &format!("{p}.tls"),
-                "TLS listeners are not supported by this build yet",
-            );
+        if let Some(tls) = &l.tls {
+            let tp = format!("{p}.tls");
+            if tls.certificates.is_empty() && tls.dir.is_none() {
+                errs.at(&tp, "a TLS listener needs `certificates` or `dir`");
+            }
+            if let Err(e) = crate::tls::load_store(tls) {
+                if !(tls.certificates.is_empty() && tls.dir.is_none()) {
+                    errs.at(&tp, e);
+                }
+            }
+            if !matches!(tls.min_version.as_deref(), None | Some("1.2") | Some("1.3")) {
+                errs.at(
+                    &format!("{tp}.min_version"),
+                    "min_version is \"1.2\" or \"1.3\"",
+                );
+            }
+            if !matches!(
+                tls.client_auth.as_deref(),
+                None | Some("required") | Some("optional")
+            ) {
+                errs.at(
+                    &format!("{tp}.client_auth"),
+                    "client_auth is `required` or `optional`",
+                );
+            }
+            if tls.client_auth.is_some() && tls.client_ca.is_none() {
+                errs.at(
+                    &format!("{tp}.client_auth"),
+                    "client_auth needs `client_ca`",
+                );
+            }
+            if let Some(ca) = &tls.client_ca {
+                if !std::path::Path::new(ca).is_file() {
+                    errs.at(&format!("{tp}.client_ca"), format!("cannot read `{ca}`"));
+                }
+            }
+            if http::HeaderName::from_bytes(tls.client_subject_header.as_bytes()).is_err() {
+                errs.at(
+                    &format!("{tp}.client_subject_header"),
+                    "invalid header name",
+                );
+            }
+            if l.redirect_https.is_some() {
+                errs.at(
+                    &format!("{p}.redirect_https"),
+                    "`redirect_https` belongs on a plain listener",
+                );
+            }
         }
     }
     if cfg.admin.bind.parse::<SocketAddr>().is_err() {

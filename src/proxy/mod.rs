@@ -25,11 +25,89 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The proxy service.
-pub struct Proxy {
-    pub gw: Arc<Gateway>,
+/// What a listener adds at the edge: its scheme, HSTS, client certificates, and the
+/// redirect of plain HTTP to HTTPS.
+pub struct ListenerRt {
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    pub hsts: Option<http::HeaderValue>,
+    /// Header that carries the verified client certificate subject upstream.
+    pub subject_header: Option<http::HeaderName>,
+    /// Redirect every request to HTTPS on this port.
+    pub redirect_https: Option<u16>,
+}
+
+impl ListenerRt {
+    /// Compiles a listener's edge settings.
+    pub fn new(l: &crate::config::model::Listener) -> std::result::Result<ListenerRt, String> {
+        use crate::config::model::RedirectHttps;
+        let tls = l.tls.as_ref();
+        let hsts = tls.and_then(|t| t.hsts.as_ref()).map(|h| {
+            let mut v = format!("max-age={}", h.max_age.0.as_secs());
+            if h.include_subdomains {
+                v.push_str("; includeSubDomains");
+            }
+            if h.preload {
+                v.push_str("; preload");
+            }
+            v
+        });
+        Ok(ListenerRt {
+            scheme: if tls.is_some() { "https" } else { "http" },
+            hsts: match hsts {
+                Some(h) => Some(http::HeaderValue::from_str(&h).map_err(|e| e.to_string())?),
+                None => None,
+            },
+            subject_header: match tls.filter(|t| t.client_ca.is_some()) {
+                Some(t) => Some(
+                    http::HeaderName::from_bytes(t.client_subject_header.as_bytes())
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            },
+            redirect_https: match &l.redirect_https {
+                Some(RedirectHttps::Flag(true)) => Some(443),
+                Some(RedirectHttps::Port { port }) => Some(*port),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Adds `Strict-Transport-Security` to every response of a TLS listener, including the
+/// ones the gateway makes itself.
+struct HstsModule(http::HeaderValue);
+
+#[async_trait]
+impl pingora::modules::http::HttpModule for HstsModule {
+    async fn response_header_filter(
+        &mut self,
+        resp: &mut ResponseHeader,
+        _end_of_stream: bool,
+    ) -> Result<()> {
+        resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, self.0.clone())?;
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+struct HstsBuilder(http::HeaderValue);
+
+impl pingora::modules::http::HttpModuleBuilder for HstsBuilder {
+    fn init(&self) -> pingora::modules::http::Module {
+        Box::new(HstsModule(self.0.clone()))
+    }
+}
+
+/// The proxy service of one listener.
+pub struct Proxy {
+    pub gw: Arc<Gateway>,
+    pub edge: Arc<ListenerRt>,
     /// Idle keep-alive timeout for client connections, in seconds.
     pub keepalive_secs: u64,
 }
@@ -415,6 +493,13 @@ fn upstream_path(route: &Route, path: &str, query: Option<&str>) -> Option<Strin
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        // No Pingora compression module: compression is a plugin. HSTS where configured.
+        if let Some(h) = &self.edge.hsts {
+            modules.add_module(Box::new(HstsBuilder(h.clone())));
+        }
+    }
+
     fn new_ctx(&self) -> Ctx {
         self.gw.metrics.inflight.inc();
         Ctx {
@@ -457,6 +542,33 @@ impl ProxyHttp for Proxy {
             session.set_keepalive(Some(self.keepalive_secs));
         }
         ctx.client_ip = client_ip(session, &snap);
+        if let Some(port) = self.edge.redirect_https {
+            let req = session.req_header();
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(crate::router::normalize_host)
+                .unwrap_or_default();
+            let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let loc = if port == 443 {
+                format!("https://{host}{pq}")
+            } else {
+                format!("https://{host}:{port}{pq}")
+            };
+            ctx.own_status = Some(308);
+            let loc = http::HeaderValue::from_str(&loc)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("/"));
+            respond::write(
+                session,
+                308,
+                &[(http::header::LOCATION, loc)],
+                Bytes::new(),
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        }
 
         // Shape checks Pingora leaves to the application.
         let req = session.req_header();
@@ -946,7 +1058,7 @@ impl ProxyHttp for Proxy {
             format!("{prev_xff}, {peer_ip}")
         };
         req.insert_header("x-forwarded-for", xff)?;
-        req.insert_header("x-forwarded-proto", self.scheme)?;
+        req.insert_header("x-forwarded-proto", self.edge.scheme)?;
         let orig_host = session
             .req_header()
             .headers
@@ -967,7 +1079,7 @@ impl ProxyHttp for Proxy {
         } else {
             peer_ip.clone()
         };
-        let mut fwd = format!("for={for_part};proto={}", self.scheme);
+        let mut fwd = format!("for={for_part};proto={}", self.edge.scheme);
         if let Some(h) = orig_host.as_ref().and_then(|h| h.to_str().ok()) {
             if h.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
@@ -987,6 +1099,20 @@ impl ProxyHttp for Proxy {
         };
         req.insert_header("forwarded", fwd)?;
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(h) = &self.edge.subject_header {
+            // Only the gateway says who the client certificate belongs to.
+            req.remove_header(h);
+            let subject = session
+                .digest()
+                .and_then(|d| d.ssl_digest.as_ref())
+                .and_then(|s| s.extension.get::<crate::tls::ClientCert>())
+                .map(|c| c.subject.clone());
+            if let Some(sub) = subject {
+                if let Ok(v) = http::HeaderValue::from_str(&sub) {
+                    req.insert_header(h.clone(), v)?;
+                }
+            }
+        }
         let tp_ok = req
             .headers
             .get("traceparent")

@@ -268,6 +268,8 @@ def test_rate_limit_memory_with_200k_keys(procs):
     s.join(2)
     assert not errors, errors[:5]
     growth = peak[0] - base
+    print(f"rate_limit: {threads * per_thread} keys in {time.monotonic() - t0:.1f}s, "
+          f"RSS {base / MIB:.1f} -> peak {peak[0] / MIB:.1f} MiB")
     assert growth < 100 * MIB, f"RSS grew by {growth / MIB:.1f} MiB over {threads * per_thread} keys " \
                                f"in {time.monotonic() - t0:.1f}s"
     # Still limiting.
