@@ -23,7 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ! python3 -c 'import pytest' >/dev/null 2>&1; then
-  echo "setup: installing pytest" >&2
-  python3 -m pip install -q pytest >/dev/null
+if ! python3 -c 'import pytest, brotli, zstandard' >/dev/null 2>&1; then
+  echo "setup: installing pytest, brotli, zstandard (for the end-to-end tests)" >&2
+  python3 -m pip install -q pytest brotli zstandard >/dev/null
 fi

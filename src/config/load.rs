@@ -185,9 +185,23 @@ pub struct Errors<'a> {
     pub file: &'a str,
     pub pos: &'a Positions,
     pub list: Vec<ConfigError>,
+    /// For lists whose bad items were left out: the original index of each kept item.
+    pub maps: HashMap<String, Vec<usize>>,
 }
 
 impl<'a> Errors<'a> {
+    /// The path of item `i` of list `key` as written in the file (items that failed to
+    /// parse are missing from the parsed list, so indices may differ).
+    pub fn item(&self, key: &str, i: usize) -> String {
+        let orig = self
+            .maps
+            .get(key)
+            .and_then(|m| m.get(i))
+            .copied()
+            .unwrap_or(i);
+        format!("{key}[{orig}]")
+    }
+
     /// An error about the value at `path`.
     pub fn at(&mut self, path: &str, message: impl Into<String>) {
         let (line, col) = self.pos.value(path);
@@ -292,6 +306,7 @@ pub fn load_str(file: &str, text: &str) -> Result<(Config, Positions), Vec<Confi
         file,
         pos: &pos,
         list: vec![],
+        maps: HashMap::new(),
     };
     let root = match root {
         serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
@@ -395,11 +410,18 @@ pub fn load_str(file: &str, text: &str) -> Result<(Config, Positions), Vec<Confi
 
 fn each_item<T: DeserializeOwned>(v: &serde_yaml::Value, key: &str, errs: &mut Errors) -> Vec<T> {
     match v {
-        serde_yaml::Value::Sequence(items) => items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| check::<T>(item, &format!("{key}[{i}]"), errs))
-            .collect(),
+        serde_yaml::Value::Sequence(items) => {
+            let mut kept = vec![];
+            let mut out = vec![];
+            for (i, item) in items.iter().enumerate() {
+                if let Some(t) = check::<T>(item, &format!("{key}[{i}]"), errs) {
+                    kept.push(i);
+                    out.push(t);
+                }
+            }
+            errs.maps.insert(key.to_string(), kept);
+            out
+        }
         serde_yaml::Value::Null => vec![],
         _ => {
             errs.at(key, format!("`{key}` must be a list"));

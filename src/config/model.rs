@@ -250,10 +250,31 @@ pub struct Upstream {
     /// Host header sent to this upstream instead of the client's.
     #[serde(default)]
     pub host: Option<String>,
+    /// `http1` (default), `h2` (over TLS, ALPN) or `h2c` (plain, prior knowledge).
     #[serde(default)]
     pub protocol: Option<String>,
     #[serde(default)]
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to an upstream.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Server name sent and verified (default: the Host the upstream sets, or none).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Verify the upstream's certificate (default true).
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// CA bundle to verify against (default: the system's).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Client certificate and key for mTLS to the upstream.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 /// An endpoint: `"host:port"` or `{ address, weight }`.

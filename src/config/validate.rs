@@ -17,7 +17,7 @@ pub fn validate(
 ) {
     let mut names = HashSet::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
-        let p = format!("listeners[{i}]");
+        let p = errs.item("listeners", i);
         if !names.insert(l.name.clone()) {
             errs.at(
                 &format!("{p}.name"),
@@ -212,17 +212,25 @@ pub fn validate(
                 errs.at(&format!("{hp}.unhealthy_threshold"), "must be at least 1");
             }
         }
-        if u.protocol.as_deref().is_some_and(|p| p != "http1") {
-            errs.at(
+        match (u.protocol.as_deref(), u.tls.is_some()) {
+            (None | Some("http1"), _) | (Some("h2"), true) | (Some("h2c"), false) => {}
+            (Some("h2"), false) => errs.at(
                 &format!("{p}.protocol"),
-                "only `http1` upstreams are supported by this build yet",
-            );
+                "`h2` needs `tls` (use `h2c` for plain HTTP/2)",
+            ),
+            (Some("h2c"), true) => errs.at(
+                &format!("{p}.protocol"),
+                "`h2c` is plain HTTP/2; with `tls` use `h2`",
+            ),
+            (Some(other), _) => errs.at(
+                &format!("{p}.protocol"),
+                format!("unknown protocol `{other}` (http1, h2, h2c)"),
+            ),
         }
-        if u.tls.is_some() {
-            errs.at(
-                &format!("{p}.tls"),
-                "upstream TLS is not supported by this build yet",
-            );
+        if let Some(t) = &u.tls {
+            if let Err(e) = crate::upstream::UpstreamTlsRt::load(t) {
+                errs.at(&format!("{p}.tls"), e);
+            }
         }
         if let Some(cb) = &u.circuit_breaker {
             let cp = format!("{p}.circuit_breaker");
@@ -267,7 +275,7 @@ pub fn validate(
     }
     let mut route_names = HashSet::new();
     for (i, r) in cfg.routes.iter().enumerate() {
-        let p = format!("routes[{i}]");
+        let p = errs.item("routes", i);
         if r.name.is_empty() {
             errs.at(&format!("{p}.name"), "route name must not be empty");
         } else if !route_names.insert(r.name.clone()) {
@@ -279,7 +287,8 @@ pub fn validate(
         validate_route(r, &p, cfg, known_upstreams, errs);
     }
     for (i, e) in cfg.plugins.iter().enumerate() {
-        validate_plugin(e, &format!("plugins[{i}]"), errs);
+        let p = errs.item("plugins", i);
+        validate_plugin(e, &p, errs);
     }
     if let Some(r) = &cfg.registry {
         match r.backend.as_deref() {
@@ -307,7 +316,7 @@ pub fn validate(
     if let Some(o) = &cfg.orchestrator {
         let mut seen = HashSet::new();
         for (i, d) in o.deployments.iter().enumerate() {
-            let p = format!("orchestrator.deployments[{i}]");
+            let p = errs.item("orchestrator.deployments", i);
             if !seen.insert(d.name.clone()) {
                 errs.at(
                     &format!("{p}.name"),
@@ -614,8 +623,16 @@ fn validate_plugin(entry: &serde_yaml::Value, p: &str, errs: &mut Errors) {
     match portico_plugins::Registry::builtin().validate(entry) {
         Ok(()) => {}
         Err(portico_plugins::EntryError::Shape(m)) => errs.at(p, m),
-        Err(portico_plugins::EntryError::Settings { plugin, message }) => {
-            errs.at(&format!("{p}.{plugin}"), message)
+        Err(e @ portico_plugins::EntryError::Settings { .. }) => {
+            // Point at the field the plugin complains about, when it can be found.
+            let loc = e.location(entry);
+            if let portico_plugins::EntryError::Settings { plugin, message } = e {
+                match loc {
+                    Some(l) if l.key => errs.at_key(&format!("{p}.{plugin}.{}", l.path), message),
+                    Some(l) => errs.at(&format!("{p}.{plugin}.{}", l.path), message),
+                    None => errs.at(&format!("{p}.{plugin}"), message),
+                }
+            }
         }
     }
 }

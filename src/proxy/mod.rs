@@ -589,13 +589,24 @@ impl ProxyHttp for Proxy {
                 .await;
         }
         let te = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        // Pingora drops Content-Length when Transfer-Encoding is also present (RFC 9112
+        // lets a server do that); the gateway refuses such a request instead, since the
+        // two framings disagreeing is the classic request-smuggling shape.
+        let te_and_cl = te
+            && session.as_downstream().as_http1().is_some_and(|h1| {
+                h1.get_headers_raw_bytes()
+                    .split(|b| *b == b'\n')
+                    .any(|line| {
+                        line.len() > 15 && line[..15].eq_ignore_ascii_case(b"content-length:")
+                    })
+            });
         let cls: Vec<&[u8]> = req
             .headers
             .get_all(http::header::CONTENT_LENGTH)
             .iter()
             .map(|v| v.as_bytes())
             .collect();
-        if (te && !cls.is_empty()) || cls.windows(2).any(|w| w[0] != w[1]) {
+        if te_and_cl || (te && !cls.is_empty()) || cls.windows(2).any(|w| w[0] != w[1]) {
             return self
                 .refuse(
                     session,
@@ -667,6 +678,9 @@ impl ProxyHttp for Proxy {
             }
             for (k, v) in edits.set {
                 req.insert_header(k, v)?;
+            }
+            for (k, v) in edits.append {
+                req.append_header(k, v)?;
             }
             ctx.plugin_ctx = Some(pctx);
             if let Some(r) = reply {
@@ -873,7 +887,21 @@ impl ProxyHttp for Proxy {
         let Some((up, ep)) = ctx.current_endpoint() else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no upstream");
         };
-        let mut peer = HttpPeer::new(ep.addr, false, String::new());
+        let mut peer = match &up.tls {
+            Some(t) => {
+                let mut p = HttpPeer::new(ep.addr, true, t.sni.clone());
+                p.options.verify_cert = t.verify;
+                p.options.verify_hostname = t.verify && !t.sni.is_empty();
+                p.options.ca = t.ca.clone();
+                p.client_cert_key = t.client.clone();
+                p
+            }
+            None => HttpPeer::new(ep.addr, false, String::new()),
+        };
+        if up.http_version.0 == 2 {
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = 100;
+        }
         let t = &up.timeouts;
         let cap = |d: Option<std::time::Duration>| match (d, remaining) {
             (Some(d), Some(r)) => Some(d.min(r)),
@@ -1203,6 +1231,9 @@ impl ProxyHttp for Proxy {
             }
             for (k, v) in edits.set {
                 resp.insert_header(k, v)?;
+            }
+            for (k, v) in edits.append {
+                resp.append_header(k, v)?;
             }
             for (k, v) in &pctx.response_headers {
                 resp.insert_header(k.clone(), v.clone())?;

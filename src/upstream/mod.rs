@@ -70,6 +70,56 @@ impl Endpoint {
     }
 }
 
+/// Compiled upstream TLS settings.
+#[derive(Clone)]
+pub struct UpstreamTlsRt {
+    pub sni: String,
+    pub verify: bool,
+    pub ca: Option<Arc<Box<[pingora::tls::x509::X509]>>>,
+    pub client: Option<Arc<pingora::utils::tls::CertKey>>,
+}
+
+impl UpstreamTlsRt {
+    /// Reads the CA bundle and client certificate named in the config.
+    pub fn load(t: &model::UpstreamTls) -> Result<UpstreamTlsRt, String> {
+        use pingora::tls::pkey::PKey;
+        use pingora::tls::x509::X509;
+        let ca = match &t.ca {
+            Some(f) => {
+                let pem = std::fs::read(f).map_err(|e| format!("ca {f}: {e}"))?;
+                let certs = X509::stack_from_pem(&pem).map_err(|e| format!("ca {f}: {e}"))?;
+                if certs.is_empty() {
+                    return Err(format!("ca {f}: no certificate"));
+                }
+                Some(Arc::new(certs.into_boxed_slice()))
+            }
+            None => None,
+        };
+        let client = match (&t.client_cert, &t.client_key) {
+            (Some(c), Some(k)) => {
+                let pem = std::fs::read(c).map_err(|e| format!("client_cert {c}: {e}"))?;
+                let certs =
+                    X509::stack_from_pem(&pem).map_err(|e| format!("client_cert {c}: {e}"))?;
+                let kp = std::fs::read(k).map_err(|e| format!("client_key {k}: {e}"))?;
+                let key =
+                    PKey::private_key_from_pem(&kp).map_err(|e| format!("client_key {k}: {e}"))?;
+                if certs.is_empty() {
+                    return Err(format!("client_cert {c}: no certificate"));
+                }
+                Some(Arc::new(pingora::utils::tls::CertKey::new(certs, key)))
+            }
+            (None, None) => None,
+            _ => return Err("give both `client_cert` and `client_key`".into()),
+        };
+        Ok(UpstreamTlsRt {
+            sni: t.sni.clone().unwrap_or_default(),
+            verify: t.verify,
+            ca,
+            client,
+        })
+    }
+}
+
 /// Timeouts applied to connections to an upstream.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timeouts {
@@ -95,6 +145,9 @@ pub struct Upstream {
     pub health_check: Option<model::HealthCheck>,
     pub breaker: Option<model::CircuitBreaker>,
     pub outlier: Option<model::OutlierDetection>,
+    pub tls: Option<UpstreamTlsRt>,
+    /// HTTP versions to speak (max, min): (1, 1), or (2, 2) for h2/h2c.
+    pub http_version: (u8, u8),
     pub budget: resilience::Budget,
     /// Requests in flight to any endpoint of this upstream.
     pub inflight: AtomicI64,
@@ -149,6 +202,11 @@ impl Upstream {
             health_check: spec.health_check.clone(),
             breaker: spec.circuit_breaker.clone(),
             outlier: spec.outlier_detection.clone(),
+            tls: spec.tls.as_ref().and_then(|t| UpstreamTlsRt::load(t).ok()),
+            http_version: match spec.protocol.as_deref() {
+                Some("h2") | Some("h2c") => (2, 2),
+                _ => (1, 1),
+            },
             budget: resilience::Budget::new(&spec.retry_budget),
             inflight: AtomicI64::new(0),
             endpoints,

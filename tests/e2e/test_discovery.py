@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import (PORTICO_BIN, KeepAliveClient, http_request, metric_samples, metric_sum,
+from conftest import (PORTICO_BIN, KeepAliveClient, Managed, metric_samples, metric_sum, wait_http_ok,
                       wait_until)
 
 READINESS = {"path": "/healthz", "interval": "200ms"}
@@ -596,9 +596,12 @@ def test_rolling_update_under_load(procs):
         t0 = time.monotonic()
         gw.write_config(orch_config([dep2]))  # atomic rewrite; the gateway watches the file
 
+        ready_counts = []
+
         def rolled():
             d = get_deployment(gw)
             reps = d["replicas"]
+            ready_counts.append(len(ready_replicas(d)))
             if (d["generation"] >= 2 and len(reps) == 2
                     and all(r["generation"] == d["generation"] and r["phase"] == "ready" for r in reps)):
                 return d
@@ -614,6 +617,8 @@ def test_rolling_update_under_load(procs):
     assert not errors, (f"{len(errors)} of {load.count()} requests failed during the rolling update "
                         f"(retries on connect_failure/reset configured): {errors[:5]}")
     assert d2["generation"] == 2, f"generation should be 2 after one change: {d2}"
+    assert min(ready_counts) >= 2, \
+        f"ready replicas dropped below 2 during the update (max_unavailable 0): {ready_counts}"
     assert not (new_ports & set(old)), f"new replicas reuse old ports? {new_ports} vs {set(old)}"
     for r in d2["replicas"]:
         assert r["pid"] not in old.values(), f"replica {r} kept an old pid"
@@ -800,7 +805,6 @@ def test_replicas_restart_after_the_gateway_binary_is_replaced_on_disk(procs, tm
     exe = bindir / "portico"
     os.link(PORTICO_BIN, exe)  # same file system; no 200 MB copy
     gw = procs.gateway(orch_config([deployment(replicas=1)]), start=False)
-    from conftest import Managed, wait_http_ok
     gw.m = Managed("gateway (own binary path)", [exe, "run", "-c", gw.config_path], gw.log_path)
     procs.track(gw.m)
     gw.m.start()

@@ -4,6 +4,7 @@ against a real dnsmasq whose records the test changes while traffic flows."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import KeepAliveClient, Managed, free_port, wait_until
+from conftest import BACKEND_READY_TIMEOUT, PORTICO_BIN, KeepAliveClient, Managed, free_port, wait_until
 
 RETRIES = {"attempts": 2, "on": ["connect_failure", "reset"]}
 
@@ -48,28 +49,31 @@ def test_dns_name_port_via_system_resolver(procs):
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         s.bind(("::1", port))
         s.close()
-        from conftest import BACKEND_READY_TIMEOUT, PORTICO_BIN, DemoBackend
-        v6 = DemoBackend(procs, "dns6", port)
-        v6.m = Managed("demo-backend dns6 [::1]", [PORTICO_BIN, "demo-backend", "--name", "dns6",
-                                                  "--bind", "[::1]", "--port", str(port)],
-                       procs.dir / "backend-dns6.log")
-        procs.track(v6.m)
-        v6.m.start()
+    except OSError:
+        pass
+    else:
+        v6 = Managed("demo-backend dns6 [::1]", [PORTICO_BIN, "demo-backend", "--name", "dns6",
+                                                "--bind", "[::1]", "--port", str(port)],
+                     procs.dir / "backend-dns6.log")
+        procs.track(v6)
+        v6.start()
 
         def v6_ok():
             with socket.create_connection(("::1", port), timeout=0.5):
                 return True
         wait_until(v6_ok, BACKEND_READY_TIMEOUT, what="the [::1] demo backend")
-    except OSError:
-        v6 = None
 
     gw = procs.gateway({
         "upstreams": {"byname": {"discovery": {"dns": f"localhost:{port}", "refresh": "500ms"},
                                  "timeouts": {"connect": "1s"}}},
         "routes": [{"name": "byname", "match": {"path_prefix": "/"}, "upstream": "byname", "retries": RETRIES}],
     })
-    wait_until(lambda: f"127.0.0.1:{port}" in _endpoints(gw, "byname"), 5,
-               what=f"localhost:{port} to resolve to 127.0.0.1:{port}")
+    try:
+        wait_until(lambda: f"127.0.0.1:{port}" in _endpoints(gw, "byname"), 5,
+                   what=f"localhost:{port} to resolve to 127.0.0.1:{port}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; upstream endpoints {_endpoints(gw, 'byname')}, registry "
+                             f"{json.dumps(gw.admin_json('/registry/services'))}") from None
     eps = _endpoints(gw, "byname")
     assert eps <= {f"127.0.0.1:{port}", f"[::1]:{port}"}, f"unexpected endpoints for localhost: {eps}"
     reg = gw.admin_json("/registry/services")
