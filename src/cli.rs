@@ -39,6 +39,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// (internal) Supervises one orchestrated replica; see orchestrator/shim.rs.
+    #[command(hide = true)]
+    ReplicaShim {
+        #[arg(long, default_value_t = 10_000)]
+        grace_ms: u64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
     /// A small HTTP service for demos and tests.
     DemoBackend {
         /// Service name reported in answers.
@@ -84,6 +92,9 @@ pub fn main() -> i32 {
             headers,
             json,
         } => routes(&cfg_path, &method, &url, &headers, json),
+        Cmd::ReplicaShim { grace_ms, cmd } => {
+            crate::orchestrator::shim::run(&cmd, std::time::Duration::from_millis(grace_ms))
+        }
         Cmd::DemoBackend { name, port, bind } => {
             let port = port
                 .or_else(|| std::env::var("PORT").ok().and_then(|p| p.parse().ok()))

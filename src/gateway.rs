@@ -235,16 +235,22 @@ impl Gateway {
         }
     }
 
-    /// Requests in flight to upstreams that discover `service` (for autoscaling).
-    pub fn inflight_for_service(&self, service: &str) -> i64 {
+    /// Traffic to upstreams that discover `service` (for autoscaling).
+    pub fn load_for_service(&self, service: &str) -> crate::orchestrator::Load {
         let snap = self.current();
-        snap.upstreams
-            .values()
-            .filter(|u| {
-                u.spec.discovery.as_ref().and_then(|d| d.service.as_deref()) == Some(service)
-            })
-            .map(|u| u.inflight.load(std::sync::atomic::Ordering::Relaxed))
-            .sum()
+        let mut load = crate::orchestrator::Load::default();
+        for u in snap.upstreams.values().filter(|u| {
+            u.spec.discovery.as_ref().and_then(|d| d.service.as_deref()) == Some(service)
+        }) {
+            load.inflight += u.inflight.load(std::sync::atomic::Ordering::Relaxed)
+                + u.waiting.load(std::sync::atomic::Ordering::Relaxed);
+            let used = u.last_used.load(std::sync::atomic::Ordering::Relaxed);
+            if used > 0 {
+                let t = crate::upstream::instant_of_ms(used);
+                load.last_used = Some(load.last_used.map_or(t, |l: std::time::Instant| l.max(t)));
+            }
+        }
+        load
     }
 
     /// Starts the registry's background work: TTL expiry, and recompiling routing

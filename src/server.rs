@@ -251,8 +251,8 @@ pub fn run(path: PathBuf) -> i32 {
         let weak = Arc::downgrade(&gw);
         let load: crate::orchestrator::LoadFn = Arc::new(move |service: &str| {
             weak.upgrade()
-                .map(|g| g.inflight_for_service(service))
-                .unwrap_or(0)
+                .map(|g| g.load_for_service(service))
+                .unwrap_or_default()
         });
         let o = crate::orchestrator::Orchestrator::start(
             &cfg,

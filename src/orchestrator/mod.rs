@@ -8,6 +8,8 @@
 //! replicas of which generation should exist: scaling, rolling updates
 //! (`max_surge`/`max_unavailable`) and autoscaling on the gateway's in-flight counts.
 
+pub mod shim;
+
 use crate::config::model::{self, Deployment};
 use crate::registry::{instance, Registry, Source, State};
 use std::collections::BTreeMap;
@@ -56,8 +58,17 @@ impl Replica {
     }
 }
 
-/// Returns the in-flight requests the gateway has for a service.
-pub type LoadFn = Arc<dyn Fn(&str) -> i64 + Send + Sync>;
+/// What the gateway knows of a service's traffic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    /// Requests in flight to its replicas (plus requests waiting for a cold start).
+    pub inflight: i64,
+    /// When a request last went to (or waited for) one of its replicas.
+    pub last_used: Option<Instant>,
+}
+
+/// Returns the gateway's load for a service.
+pub type LoadFn = Arc<dyn Fn(&str) -> Load + Send + Sync>;
 
 struct DeploymentRt {
     spec: Mutex<Deployment>,
@@ -79,6 +90,8 @@ pub struct Orchestrator {
     load: LoadFn,
     deployments: Mutex<BTreeMap<String, Arc<DeploymentRt>>>,
     shutting_down: AtomicBool,
+    /// The gateway's binary, resolved at start (it may be replaced on disk later).
+    exe: String,
 }
 
 fn free_port() -> Option<u16> {
@@ -120,6 +133,14 @@ impl Orchestrator {
             load,
             deployments: Mutex::new(BTreeMap::new()),
             shutting_down: AtomicBool::new(false),
+            exe: std::env::current_exe()
+                .map(|p| {
+                    p.display()
+                        .to_string()
+                        .trim_end_matches(" (deleted)")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| "portico".into()),
         });
         o.apply(cfg);
         o
@@ -407,10 +428,18 @@ impl Orchestrator {
 
     fn autoscale(&self, d: &DeploymentRt, spec: &Deployment) {
         let Some(a) = &spec.autoscale else { return };
-        let load = (self.load)(&spec.service).max(0) as u32;
+        let seen = (self.load)(&spec.service);
+        let load = seen.inflight.max(0) as u32;
         let now = Instant::now();
-        if load > 0 {
-            *d.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        {
+            let mut busy = d.last_busy.lock().unwrap_or_else(|e| e.into_inner());
+            if load > 0 {
+                *busy = now;
+            } else if let Some(t) = seen.last_used {
+                if t > *busy {
+                    *busy = t;
+                }
+            }
         }
         let mut last = d.last_scale.lock().unwrap_or_else(|e| e.into_inner());
         if now.duration_since(*last) < a.cooldown.0 {
@@ -550,16 +579,20 @@ impl Orchestrator {
             .iter()
             .map(|a| a.replace("{port}", &port.to_string()))
             .collect();
-        let program = if args[0] == "portico" {
+        let me = self.exe.clone();
+        let mut inner = args.clone();
+        if inner[0] == "portico" {
             // The gateway's own binary, so demos work without `portico` on PATH.
-            std::env::current_exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| args[0].clone())
-        } else {
-            args[0].clone()
-        };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&args[1..])
+            inner[0] = me.clone();
+        }
+        // Every replica runs under `portico replica-shim`, which takes its whole
+        // process group down with it when the gateway goes (see shim.rs).
+        let mut cmd = tokio::process::Command::new(&me);
+        cmd.arg("replica-shim")
+            .arg("--grace-ms")
+            .arg(spec.grace_period.0.as_millis().to_string())
+            .arg("--")
+            .args(&inner)
             .env("PORT", port.to_string())
             .env("PORTICO_REPLICA_ID", id)
             .envs(&spec.env)
@@ -568,17 +601,6 @@ impl Orchestrator {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: only async-signal-safe prctl/getppid calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Die with the gateway, even when it is SIGKILLed.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("parent already gone"));
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn()?;
         let tag = format!("{}/{}", spec.name, id);
         if let Some(out) = child.stdout.take() {

@@ -318,6 +318,8 @@ impl Proxy {
                 ctx.release_endpoint();
                 up.endpoints[i].inflight.fetch_add(1, Ordering::Relaxed);
                 up.inflight.fetch_add(1, Ordering::Relaxed);
+                up.last_used
+                    .store(crate::upstream::now_ms(), Ordering::Relaxed);
                 ctx.endpoint = Some(i);
                 if !ctx.tried.contains(&i) {
                     ctx.tried.push(i);
@@ -354,17 +356,28 @@ impl Proxy {
             .unwrap_or(std::time::Duration::from_secs(30))
             .min(std::time::Duration::from_secs(30));
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
+        let mut found = false;
+        while Instant::now() < deadline && !found {
+            // Counted as load while it waits, so the replica is not scaled away under it.
+            let watched = self.gw.current().upstreams.get(&*up.name).cloned();
+            if let Some(w) = &watched {
+                w.waiting.fetch_add(1, Ordering::Relaxed);
+                w.last_used
+                    .store(crate::upstream::now_ms(), Ordering::Relaxed);
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if let Some(w) = &watched {
+                w.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
             let snap = self.gw.current();
             if let Some(u) = snap.upstreams.get(&*up.name) {
                 if !u.endpoints.is_empty() {
                     ctx.upstream = Some(Arc::clone(u));
-                    return true;
+                    found = true;
                 }
             }
         }
-        false
+        found
     }
 
     /// Whether this failed try may be retried under the route's policy; takes a token

@@ -16,10 +16,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+static START: OnceLock<Instant> = OnceLock::new();
+
 /// Milliseconds since the process started: a cheap monotonic clock for atomics.
 pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The `Instant` of a `now_ms` value.
+pub fn instant_of_ms(ms: u64) -> Instant {
+    *START.get_or_init(Instant::now) + Duration::from_millis(ms)
 }
 
 /// One backend address and its live state.
@@ -151,6 +157,10 @@ pub struct Upstream {
     pub budget: resilience::Budget,
     /// Requests in flight to any endpoint of this upstream.
     pub inflight: AtomicI64,
+    /// Requests waiting for a replica to start (scale from zero).
+    pub waiting: AtomicI64,
+    /// `now_ms` of the last request sent or waiting (0: never).
+    pub last_used: AtomicU64,
 }
 
 impl Upstream {
@@ -209,6 +219,11 @@ impl Upstream {
             },
             budget: resilience::Budget::new(&spec.retry_budget),
             inflight: AtomicI64::new(0),
+            waiting: AtomicI64::new(0),
+            last_used: AtomicU64::new(
+                prev.map(|p| p.last_used.load(Ordering::Relaxed))
+                    .unwrap_or(0),
+            ),
             endpoints,
         }
     }

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import (PORTICO_BIN, KeepAliveClient, Managed, metric_samples, metric_sum, wait_http_ok,
-                      wait_until)
+from conftest import (GATEWAY_READY_TIMEOUT, PORTICO_BIN, KeepAliveClient, Managed, metric_samples, metric_sum,
+                      wait_http_ok, wait_until)
 
 READINESS = {"path": "/healthz", "interval": "200ms"}
 BACKOFF = {"min": "200ms", "max": "5s"}
@@ -126,6 +126,32 @@ def _reap_leftover_replicas():
 
 
 # --------------------------------------------------------------------------- gateway helpers
+
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory):
+    """A private hard link to the portico binary. Orchestrator gateways run from it, so their
+    replicas (`command: [portico, ...]` = the gateway's own binary) keep starting even when
+    something rebuilds target/debug/portico meanwhile (falls back to PORTICO_BIN)."""
+    deadline = time.monotonic() + 120
+    while not PORTICO_BIN.exists() and time.monotonic() < deadline:
+        time.sleep(1)  # a rebuild in progress
+    link = tmp_path_factory.mktemp("bin") / "portico"
+    try:
+        os.link(PORTICO_BIN, link)
+        return link
+    except OSError:
+        return PORTICO_BIN
+
+
+def orch_gateway(procs, exe, config):
+    """procs.gateway(config), but running `exe`."""
+    gw = procs.gateway(config, start=False)
+    gw.m = Managed(f"gateway {gw.name}", [exe, "run", "-c", gw.config_path], gw.log_path, env=gw.env)
+    procs.track(gw.m)
+    gw.m.start()
+    wait_http_ok(gw.admin_port, "/readyz", GATEWAY_READY_TIMEOUT, gw.m)
+    return gw
+
 
 def demo_cmd(name: str) -> list[str]:
     return ["portico", "demo-backend", "--name", name, "--port", "{port}"]
@@ -472,8 +498,8 @@ def test_registry_changes_reach_routing_within_1s(procs):
 
 # =========================================================================== orchestrator
 
-def test_replica_kill9_under_load_is_replaced_without_client_errors(procs):
-    gw = procs.gateway(orch_config([deployment(replicas=2)]))
+def test_replica_kill9_under_load_is_replaced_without_client_errors(procs, exe):
+    gw = orch_gateway(procs, exe, orch_config([deployment(replicas=2)]))
     d = wait_ready(gw, 2)
     victim = d["replicas"][0]
     other = d["replicas"][1]
@@ -516,8 +542,8 @@ def test_replica_kill9_under_load_is_replaced_without_client_errors(procs):
     assert ports == {f"127.0.0.1:{new['port']}", f"127.0.0.1:{other['port']}"}, ports
 
 
-def test_scale_up_and_down_registry_and_traffic_follow(procs):
-    gw = procs.gateway(orch_config([deployment(replicas=2)]))
+def test_scale_up_and_down_registry_and_traffic_follow(procs, exe):
+    gw = orch_gateway(procs, exe, orch_config([deployment(replicas=2)]))
     wait_ready(gw, 2)
 
     def reg_ports():
@@ -579,10 +605,10 @@ def test_scale_up_and_down_registry_and_traffic_follow(procs):
     assert d["desired"] == 1 and d["actual"] == 1 and len(d["replicas"]) == 1, d
 
 
-def test_rolling_update_under_load(procs):
+def test_rolling_update_under_load(procs, exe):
     dep = deployment(replicas=2, env={"APP_REV": "1"}, labels={"rev": "1"}, max_surge=1, max_unavailable=0)
     cfg = orch_config([dep])
-    gw = procs.gateway(cfg)
+    gw = orch_gateway(procs, exe, cfg)
     d1 = wait_ready(gw, 2)
     assert d1["generation"] == 1
     old = {r["port"]: r["pid"] for r in d1["replicas"]}
@@ -639,8 +665,8 @@ def _replica_pids(gw, name="web") -> dict[int, int]:
     return {r["pid"]: r["port"] for r in d["replicas"] if r.get("pid")}
 
 
-def test_gateway_sigkill_leaves_no_replica(procs):
-    gw = procs.gateway(orch_config([deployment(replicas=3)]))
+def test_gateway_sigkill_leaves_no_replica(procs, exe):
+    gw = orch_gateway(procs, exe, orch_config([deployment(replicas=3)]))
     wait_ready(gw, 3)
     pids = _replica_pids(gw)
     assert len(pids) == 3
@@ -660,11 +686,11 @@ def test_gateway_sigkill_leaves_no_replica(procs):
                       f"{[(p, _cmdline(p)) for p in left]}")
 
 
-def test_gateway_sigkill_leaves_no_process_of_a_wrapped_replica(procs, tmp_path):
+def test_gateway_sigkill_leaves_no_process_of_a_wrapped_replica(procs, exe, tmp_path):
     """A replica whose command is a wrapper (a shell that starts the server as its child):
     the whole replica -- its process group -- must go when the gateway is SIGKILLed."""
-    cmd = ["sh", "-c", f"{PORTICO_BIN} demo-backend --name wrapped --port $PORT; echo exited"]
-    gw = procs.gateway(orch_config([dict(deployment(name="wrapped", replicas=1), command=cmd)]))
+    cmd = ["sh", "-c", f"{exe} demo-backend --name wrapped --port $PORT; echo exited"]
+    gw = orch_gateway(procs, exe, orch_config([dict(deployment(name="wrapped", replicas=1), command=cmd)]))
     d = wait_ready(gw, 1, name="wrapped")
     sh_pid = d["replicas"][0]["pid"]
     kids = wait_until(lambda: _children(sh_pid), 5, what="the wrapper's child")
@@ -683,15 +709,15 @@ def test_gateway_sigkill_leaves_no_process_of_a_wrapped_replica(procs, tmp_path)
     assert not alive, f"processes of the replica survived the gateway's SIGKILL: {alive}"
 
 
-def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, tmp_path):
+def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, exe, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     # The wrapper records that the replica got SIGTERM (not SIGKILL) and exits 0; the
     # server it starts is in the same process group, so it gets SIGTERM too.
     wrapped = ["sh", "-c",
                f"trap 'echo term > {marks}/$PORT; exit 0' TERM; "
-               f"{PORTICO_BIN} demo-backend --name term --port $PORT & wait"]
-    gw = procs.gateway(dict(orch_config([
+               f"{exe} demo-backend --name term --port $PORT & wait"]
+    gw = orch_gateway(procs, exe, dict(orch_config([
         deployment(name="web", replicas=2),
         dict(deployment(name="term", service="app", replicas=2), command=wrapped),
     ]), server={"grace_period": "5s"}))
@@ -728,9 +754,9 @@ def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, tmp_path):
     assert not killed, f"replicas had to be SIGKILLed: {killed}"
 
 
-def test_scale_to_zero_and_back_on_demand(procs):
+def test_scale_to_zero_and_back_on_demand(procs, exe):
     auto = {"min": 0, "max": 2, "target_inflight": 5, "cooldown": "1s", "idle_after": "2s"}
-    gw = procs.gateway(orch_config([deployment(replicas=0, autoscale=auto)], route_extra={"timeout": "20s"}))
+    gw = orch_gateway(procs, exe, orch_config([deployment(replicas=0, autoscale=auto)], route_extra={"timeout": "20s"}))
     d = get_deployment(gw)
     assert d["desired"] == 0 and d["replicas"] == [], f"replicas: 0 should start nothing: {d}"
     time.sleep(1.0)
@@ -763,11 +789,11 @@ def test_scale_to_zero_and_back_on_demand(procs):
         assert t_zero >= 0.3, f"scaled to zero only {t_zero:.2f}s after traffic stopped"
 
 
-def test_scale_to_zero_not_while_traffic_continues(procs):
+def test_scale_to_zero_not_while_traffic_continues(procs, exe):
     """Steady light traffic (fast requests) must keep the replica: `idle_after` counts
     from the last request, not from the cold start."""
     auto = {"min": 0, "max": 2, "target_inflight": 5, "cooldown": "1s", "idle_after": "2s"}
-    gw = procs.gateway(orch_config([deployment(replicas=0, autoscale=auto)], route_extra={"timeout": "20s"}))
+    gw = orch_gateway(procs, exe, orch_config([deployment(replicas=0, autoscale=auto)], route_extra={"timeout": "20s"}))
     r = gw.get("/cold", timeout=25)
     assert r.status == 200, r
     pid = ready_replicas(get_deployment(gw))[0]["pid"]
@@ -797,27 +823,43 @@ def test_scale_to_zero_not_while_traffic_continues(procs):
     assert [x["pid"] for x in ready_replicas(d)] == [pid], f"replica was replaced under steady traffic: {d}"
 
 
-def test_replicas_restart_after_the_gateway_binary_is_replaced_on_disk(procs, tmp_path):
+def test_scale_from_zero_with_a_replica_slower_to_start_than_idle_after(procs, exe):
+    """The request that wakes a scaled-to-zero deployment is waiting for it: the autoscaler
+    must not scale back to zero (idle_after 2 s) while that request waits for a replica
+    that needs 3 s to start."""
+    auto = {"min": 0, "max": 2, "target_inflight": 5, "cooldown": "1s", "idle_after": "2s"}
+    slow = ["sh", "-c", f"sleep 3; exec {exe} demo-backend --name slowstart --port $PORT"]
+    gw = orch_gateway(procs, exe, orch_config([dict(deployment(name="web", replicas=0, autoscale=auto), command=slow)],
+                                              route_extra={"timeout": "12s"}))
+    time.sleep(1.2)  # past the cooldown since the deployment was created
+    t0 = time.monotonic()
+    r = gw.get("/cold", timeout=20)
+    waited = time.monotonic() - t0
+    log = [l for l in gw.log_path.read_text(errors="replace").splitlines()
+           if "autoscaling" in l or "scaled from zero" in l or "stopped" in l]
+    assert r.status == 200, (f"the waking request got {r.status} after {waited:.1f}s "
+                             f"({r.body[:120]!r}); orchestrator log: {log}")
+    assert r.header("x-served-by", "").startswith("slowstart:"), r
+    assert 2.5 < waited < 10, f"cold start with a 3 s startup took {waited:.1f}s"
+
+
+def test_replicas_restart_after_the_gateway_binary_is_replaced_on_disk(procs, exe, tmp_path):
     """`command: [portico, ...]` runs the gateway's own binary. Replacing that file on disk
     (an upgrade, a rebuild) must not stop the orchestrator from (re)starting replicas."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    exe = bindir / "portico"
-    os.link(PORTICO_BIN, exe)  # same file system; no 200 MB copy
-    gw = procs.gateway(orch_config([deployment(replicas=1)]), start=False)
-    gw.m = Managed("gateway (own binary path)", [exe, "run", "-c", gw.config_path], gw.log_path)
-    procs.track(gw.m)
-    gw.m.start()
-    wait_http_ok(gw.admin_port, "/readyz", 20, gw.m)
+    own = bindir / "portico"
+    os.link(exe, own)  # same file system; no 200 MB copy
+    gw = orch_gateway(procs, own, orch_config([deployment(replicas=1)]))
     d = wait_ready(gw, 1)
     old = d["replicas"][0]
     assert gw.get("/x").status == 200
 
     # a new version lands at the same path (atomic rename of a different file over it)
     new = bindir / ".portico.new"
-    new.write_text(f'#!/bin/sh\nexec {PORTICO_BIN} "$@"\n')
+    new.write_text(f'#!/bin/sh\nexec {exe} "$@"\n')
     new.chmod(0o755)
-    os.replace(new, exe)
+    os.replace(new, own)
 
     os.kill(old["pid"], signal.SIGKILL)
 
