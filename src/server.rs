@@ -197,20 +197,37 @@ pub fn run(path: PathBuf) -> i32 {
                 return 1;
             }
         };
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             Proxy {
                 gw: Arc::clone(&gw),
                 edge: Arc::new(edge),
                 keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
             },
-            &format!("portico {}", l.name),
         );
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut opts = pingora::apps::HttpServerOptions::default();
-            opts.h2c = l.http2 && l.tls.is_none();
-            app.server_options = Some(opts);
-        }
+        let mut opts = pingora::apps::HttpServerOptions::default();
+        opts.h2c = l.http2 && l.tls.is_none();
+        proxy.server_options = Some(opts);
+        let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+        h2.max_concurrent_streams(cfg.server.h2_max_concurrent_streams)
+            // Rapid reset (CVE-2023-44487): bound streams reset before being handled.
+            .max_pending_accept_reset_streams(64)
+            .max_local_error_reset_streams(Some(256));
+        proxy.h2_options = Some(h2);
+        let edge_app = crate::proxy::edge::Edge {
+            inner: Arc::new(proxy),
+            limits: crate::proxy::edge::EdgeLimits {
+                header_timeout: cfg.server.header_timeout.0,
+                max_header_bytes: cfg.server.max_header_bytes.0 as usize,
+                max_request_line: cfg.server.max_request_line.0 as usize,
+                max_headers: cfg.server.max_headers,
+                max_connections: cfg.server.max_connections,
+            },
+            open: std::sync::atomic::AtomicUsize::new(0),
+            metrics: Arc::clone(&gw.metrics),
+        };
+        let mut proxy =
+            pingora::services::listening::Service::new(format!("portico {}", l.name), edge_app);
         let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4);
         if let Some(t) = &l.tls {
             match crate::tls::settings(&l.name, t, l.http2) {

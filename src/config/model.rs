@@ -167,6 +167,32 @@ pub struct Server {
     /// Debounce for the config file watcher.
     #[serde(default = "default_debounce")]
     pub watch_debounce: Dur,
+    /// A new connection must deliver its first request header within this time
+    /// (slowloris protection).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Dur,
+    /// Longest request line accepted (414 beyond).
+    #[serde(default = "default_max_request_line")]
+    pub max_request_line: Size,
+    /// Most open client connections per listener; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+}
+
+fn default_header_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_max_request_line() -> Size {
+    Size(8 * 1024)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_h2_streams() -> u32 {
+    100
 }
 
 fn default_threads() -> usize {
@@ -198,6 +224,10 @@ impl Default for Server {
             max_headers: default_max_headers(),
             keepalive_timeout: default_keepalive(),
             watch_debounce: default_debounce(),
+            header_timeout: default_header_timeout(),
+            max_request_line: default_max_request_line(),
+            max_connections: default_max_connections(),
+            h2_max_concurrent_streams: default_h2_streams(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `upstream_peer` hands that endpoint to Pingora; the header filters apply the
 //! forwarding rules and the route's edits; `logging` records metrics and the access log.
 
+pub mod edge;
 pub mod respond;
 pub mod static_files;
 
@@ -453,7 +454,21 @@ impl Proxy {
         if let Some(p) = &ctx.plugin_ctx {
             hs.extend(p.response_headers.iter().cloned());
         }
-        session.set_keepalive(None);
+        if respond::is_grpc(session) && r.status >= 400 {
+            let msg = String::from_utf8_lossy(&r.body).trim().to_string();
+            return respond::grpc_error(
+                session,
+                respond::grpc_code(r.status),
+                &msg,
+                &ctx.request_id,
+            )
+            .await;
+        }
+        // Keep the connection when the client sent no body (a 401 or 429 needs no close).
+        let bodyless = session.is_body_empty() || session.is_body_done();
+        if !bodyless {
+            session.set_keepalive(None);
+        }
         respond::write(session, r.status, &hs, r.body, &ctx.request_id).await
     }
 

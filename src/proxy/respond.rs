@@ -42,7 +42,58 @@ pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
     Bytes::from(s)
 }
 
-/// Writes a gateway error as JSON.
+/// Whether the request is a gRPC call (its errors must be gRPC errors).
+pub fn is_grpc(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status for an HTTP status the gateway would answer.
+pub fn grpc_code(status: u16) -> u8 {
+    match status {
+        400 | 413 | 414 | 431 => 3, // INVALID_ARGUMENT
+        401 => 16,                  // UNAUTHENTICATED
+        403 => 7,                   // PERMISSION_DENIED
+        404 => 12,                  // UNIMPLEMENTED
+        408 | 504 => 4,             // DEADLINE_EXCEEDED
+        429 => 8,                   // RESOURCE_EXHAUSTED
+        502 | 503 => 14,            // UNAVAILABLE
+        500 => 13,                  // INTERNAL
+        _ => 2,                     // UNKNOWN
+    }
+}
+
+/// Writes a gRPC error as a trailers-only response (HTTP 200 with `grpc-status`).
+pub async fn grpc_error(
+    session: &mut Session,
+    grpc_status: u8,
+    message: &str,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(200, Some(5))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    resp.insert_header("grpc-status", grpc_status.to_string())?;
+    // grpc-message is percent-encoded: everything outside printable ASCII, and '%'.
+    let mut msg = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            msg.push(b as char);
+        } else {
+            msg.push_str(&format!("%{b:02X}"));
+        }
+    }
+    resp.insert_header("grpc-message", msg)?;
+    resp.insert_header("x-request-id", request_id)?;
+    if !session.is_http2() {
+        resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    }
+    session.write_response_header(Box::new(resp), true).await
+}
+
+/// Writes a gateway error: JSON, or a gRPC error for gRPC calls.
 pub async fn error(
     session: &mut Session,
     status: u16,
@@ -50,6 +101,15 @@ pub async fn error(
     message: &str,
     request_id: &str,
 ) -> pingora::Result<()> {
+    if is_grpc(session) {
+        return grpc_error(
+            session,
+            grpc_code(status),
+            &format!("{code}: {message}"),
+            request_id,
+        )
+        .await;
+    }
     let ct = (
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

@@ -1,0 +1,261 @@
+//! The edge of a listener, in front of Pingora's HTTP handling: it counts open
+//! connections (closing those over `max_connections` at once) and, for each new plain
+//! HTTP/1 connection, reads the first request header itself within `header_timeout`
+//! (a client trickling bytes, slowloris-style, is closed at the deadline), answers a
+//! malformed one with the gateway's JSON errors (400, 414, 431) instead of Pingora's
+//! empty ones, and hands the bytes back to Pingora unread. TLS and HTTP/2 connections
+//! go straight through; Pingora's own limits and timeouts apply after the first header.
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Limits applied before Pingora sees a request.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_request_line: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+}
+
+/// Wraps a Pingora HTTP app (the proxy) with the edge checks.
+pub struct Edge<A> {
+    pub inner: Arc<A>,
+    pub limits: EdgeLimits,
+    pub open: AtomicUsize,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+struct OpenGuard<'a>(&'a AtomicUsize);
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the first header was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Close without an answer (timeout with nothing useful, or the client left).
+    Close,
+    Status(u16, &'static str, &'static str),
+}
+
+fn find_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Checks a complete header block the way the proxy would rely on it.
+fn validate(buf: &[u8], limits: &EdgeLimits) -> Result<(), Refusal> {
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers.clamp(16, 512)];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Ok(()),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::Status(
+                431,
+                "headers_too_large",
+                "too many request headers",
+            ))
+        }
+        Err(_) => return Err(Refusal::Status(400, "bad_request", "malformed request")),
+    }
+    let mut cl: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = h.value;
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                return Err(Refusal::Status(
+                    400,
+                    "bad_request",
+                    "invalid Content-Length",
+                ));
+            }
+            if cl.is_some_and(|c| c != v) {
+                return Err(Refusal::Status(
+                    400,
+                    "bad_request",
+                    "conflicting Content-Length values",
+                ));
+            }
+            cl = Some(v);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the first header of a plain connection into `buf`.
+async fn first_header(
+    s: &mut L4Stream,
+    limits: &EdgeLimits,
+    buf: &mut Vec<u8>,
+) -> Result<(), Refusal> {
+    let deadline = Instant::now() + limits.header_timeout;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if buf.starts_with(b"PRI ") {
+            // HTTP/2 with prior knowledge: Pingora handles it from here.
+            return Ok(());
+        }
+        let line_end = buf.windows(2).position(|w| w == b"\r\n");
+        if line_end.map_or(buf.len(), |p| p) > limits.max_request_line {
+            return Err(Refusal::Status(
+                414,
+                "uri_too_long",
+                "the request line is too long",
+            ));
+        }
+        if let Some(end) = find_end(buf) {
+            if end > limits.max_header_bytes {
+                return Err(Refusal::Status(
+                    431,
+                    "headers_too_large",
+                    "request headers are too large",
+                ));
+            }
+            return validate(&buf[..end], limits);
+        }
+        if line_end.is_none() && buf.len() > limits.max_request_line {
+            return Err(Refusal::Status(
+                414,
+                "uri_too_long",
+                "the request line is too long",
+            ));
+        }
+        if buf.len() > limits.max_header_bytes {
+            return Err(Refusal::Status(
+                431,
+                "headers_too_large",
+                "request headers are too large",
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(if buf.is_empty() {
+                Refusal::Close
+            } else {
+                Refusal::Status(
+                    408,
+                    "request_timeout",
+                    "the request header did not arrive in time",
+                )
+            });
+        }
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(Refusal::Close),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {
+                return Err(if buf.is_empty() {
+                    Refusal::Close
+                } else {
+                    Refusal::Status(
+                        408,
+                        "request_timeout",
+                        "the request header did not arrive in time",
+                    )
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = OpenGuard(&self.open);
+        if n > self.limits.max_connections {
+            log::warn!("connection refused: {n} open connections (max_connections)");
+            return None;
+        }
+        let plain = stream.get_ssl_digest().is_none() && stream.as_any().is::<L4Stream>();
+        if !plain {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
+            return None; // checked above
+        };
+        let mut buf = Vec::with_capacity(1024);
+        match first_header(&mut l4, &self.limits, &mut buf).await {
+            Ok(()) => {
+                l4.rewind(&buf);
+                self.inner.process_new(l4, shutdown).await
+            }
+            Err(Refusal::Close) => None,
+            Err(Refusal::Status(status, code, msg)) => {
+                let id = format!("{:032x}", rand::random::<u128>());
+                let body = super::respond::error_body(code, msg, &id);
+                let reason = http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("Error");
+                let head = format!(
+                    "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = l4.write_all(head.as_bytes()).await;
+                let _ = l4.write_all(&body).await;
+                let _ = l4.flush().await;
+                let _ = l4.shutdown().await;
+                self.metrics
+                    .requests
+                    .with_label_values(&["", "OTHER", &status.to_string()])
+                    .inc();
+                None
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> EdgeLimits {
+        EdgeLimits {
+            header_timeout: Duration::from_secs(1),
+            max_header_bytes: 64 * 1024,
+            max_request_line: 8192,
+            max_headers: 100,
+            max_connections: 10,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let l = limits();
+        assert_eq!(validate(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &l), Ok(()));
+        assert!(validate(b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n", &l).is_err());
+        assert!(validate(b"GARBAGE\r\n\r\n", &l).is_err());
+        assert!(validate(
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            &l
+        )
+        .is_err());
+        assert!(validate(b"POST / HTTP/1.1\r\nContent-Length: 5x\r\n\r\n", &l).is_err());
+        assert_eq!(
+            validate(
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                &l
+            ),
+            Ok(())
+        );
+    }
+}
