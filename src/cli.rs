@@ -244,6 +244,10 @@ fn routes(path: &std::path::Path, method: &str, url: &str, headers: &[String], j
             "action": chosen.as_ref().map(|r| r.action.describe()),
             "params": params.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "plugins": plugins,
+            "calls": chosen.as_ref().and_then(|r| match &r.action {
+                crate::snapshot::Action::Aggregate(a) => Some(a.compiled.describe()),
+                _ => None,
+            }),
             "candidates": cands.iter().map(|(n, m, c, r)| serde_json::json!({"name": n, "matched": m, "chosen": c, "reason": r})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -267,6 +271,12 @@ fn routes(path: &std::path::Path, method: &str, url: &str, headers: &[String], j
                         plugins.join(" -> ")
                     }
                 );
+                if let crate::snapshot::Action::Aggregate(a) = &r.action {
+                    println!("call graph:");
+                    for line in a.compiled.describe() {
+                        println!("  {line}");
+                    }
+                }
             }
             None => println!("route: none (the gateway answers 404 no_route)"),
         }

@@ -39,6 +39,10 @@ pub struct Gateway {
     pub registry: Arc<Registry>,
     /// The embedded orchestrator, when the config has deployments.
     pub orchestrator: Mutex<Option<Arc<crate::orchestrator::Orchestrator>>>,
+    /// Upstream connections of aggregation calls (pooled, like the proxy's).
+    pub connector: pingora::connectors::http::Connector,
+    /// Aggregation calls running at once, gateway-wide.
+    pub aggregate_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Puts the config's static registry instances into `reg` (and drops stale ones).
@@ -139,6 +143,8 @@ impl Gateway {
             access_log,
             registry,
             orchestrator: Mutex::new(None),
+            connector: pingora::connectors::http::Connector::new(None),
+            aggregate_slots: Arc::new(tokio::sync::Semaphore::new(512)),
         }))
     }
 

@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod accesslog;
 mod admin;
+mod aggregate;
 mod cli;
 mod config;
 mod demo_backend;

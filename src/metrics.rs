@@ -21,6 +21,8 @@ pub struct Metrics {
     pub breaker_open: IntGaugeVec,
     pub registry_instances: IntGaugeVec,
     pub orchestrator_restarts: IntCounterVec,
+    pub aggregate_calls: IntCounterVec,
+    pub aggregate_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -105,6 +107,22 @@ impl Metrics {
             &["deployment"],
         )
         .expect("static metric definition");
+        let aggregate_calls = IntCounterVec::new(
+            Opts::new(
+                "portico_aggregate_calls_total",
+                "Calls made by aggregations, by outcome",
+            ),
+            &["route", "call", "outcome"],
+        )
+        .expect("static metric definition");
+        let aggregate_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "portico_aggregate_call_duration_seconds",
+                "Duration of each aggregation call",
+            ),
+            &["route", "call"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -117,6 +135,8 @@ impl Metrics {
             Box::new(breaker_open.clone()),
             Box::new(registry_instances.clone()),
             Box::new(orchestrator_restarts.clone()),
+            Box::new(aggregate_calls.clone()),
+            Box::new(aggregate_duration.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -135,6 +155,8 @@ impl Metrics {
             breaker_open,
             registry_instances,
             orchestrator_restarts,
+            aggregate_calls,
+            aggregate_duration,
         }
     }
 

@@ -33,6 +33,7 @@ pub enum Action {
         dir: std::path::PathBuf,
         index: String,
     },
+    Aggregate(Arc<crate::aggregate::Runtime>),
 }
 
 impl Action {
@@ -55,6 +56,7 @@ impl Action {
             Action::Redirect { to, status, .. } => format!("redirect {status} {to}"),
             Action::Respond { status, .. } => format!("respond {status}"),
             Action::Static { dir, .. } => format!("static {}", dir.display()),
+            Action::Aggregate(a) => format!("aggregate {} calls", a.compiled.calls.len()),
         }
     }
 }
@@ -278,6 +280,13 @@ pub fn compile(
                 dir: std::path::PathBuf::from(&st.dir),
                 index: st.index.clone(),
             }
+        } else if let Some(agg) = &r.aggregate {
+            let params = crate::config::validate::route_params(&r.matcher);
+            let retry = r.retries.as_ref().map(RetryPolicy::compile);
+            Action::Aggregate(Arc::new(
+                crate::aggregate::bind(agg, &params, &upstreams, retry)
+                    .map_err(|e| format!("route {}: {e}", r.name))?,
+            ))
         } else {
             return Err(format!("route {} has no action this build can run", r.name));
         };

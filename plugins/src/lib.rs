@@ -8,8 +8,10 @@
 
 pub mod api_key;
 pub mod basic_auth;
+pub mod cache;
 pub mod compression;
 pub mod cors;
+pub mod fault;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwks;
@@ -332,6 +334,11 @@ pub trait Plugin: Send + Sync {
     }
     /// After the response is done (status 0 if none was sent).
     fn on_log(&self, _status: u16, _ctx: &Context) {}
+    /// Drops cached entries whose path starts with `prefix` (all with `None`) and
+    /// returns how many; plugins that cache nothing keep the default (0).
+    fn purge(&self, _prefix: Option<&str>) -> usize {
+        0
+    }
 }
 
 /// Builds plugin instances of one kind from their settings.
@@ -390,6 +397,8 @@ impl Registry {
         r.register(Arc::new(ip_filter::IpFilterFactory));
         r.register(Arc::new(request_size::RequestSizeFactory));
         r.register(Arc::new(headers::HeadersFactory));
+        r.register(Arc::new(fault::FaultFactory));
+        r.register(Arc::new(cache::CacheFactory));
         r
     }
 
@@ -627,8 +636,10 @@ mod tests {
             [
                 "api_key",
                 "basic_auth",
+                "cache",
                 "compression",
                 "cors",
+                "fault",
                 "headers",
                 "ip_filter",
                 "jwt",

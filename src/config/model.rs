@@ -460,7 +460,7 @@ pub struct Route {
     #[serde(default, rename = "static")]
     pub static_files: Option<StaticFiles>,
     #[serde(default)]
-    pub aggregate: Option<serde_yaml::Value>,
+    pub aggregate: Option<Aggregate>,
     #[serde(default)]
     pub strip_prefix: Option<StripPrefix>,
     #[serde(default)]
@@ -941,4 +941,75 @@ fn default_cooldown() -> Dur {
 }
 fn default_idle() -> Dur {
     Dur(std::time::Duration::from_secs(30))
+}
+
+/// One client request fanned out to several upstream calls, answered as one JSON object.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregate {
+    /// Bound on the whole aggregation.
+    #[serde(default = "default_agg_timeout")]
+    pub timeout: Dur,
+    /// Named calls; each answer appears under its name.
+    pub calls: BTreeMap<String, AggregateCall>,
+    /// Client headers passed to every call (default: `authorization`).
+    #[serde(default)]
+    pub forward_headers: Option<Vec<String>>,
+    /// Largest answer accepted from one call.
+    #[serde(default = "default_agg_max_response")]
+    pub max_response_size: Size,
+    /// Calls of one aggregation running at the same time.
+    #[serde(default = "default_agg_concurrency")]
+    pub max_concurrency: u32,
+}
+
+fn default_agg_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_agg_max_response() -> Size {
+    Size(1 << 20)
+}
+fn default_agg_concurrency() -> u32 {
+    16
+}
+
+/// One call of an aggregation. `path`, `query`, `headers` and `body` may hold
+/// templates: `{param}`, `{query.NAME}`, `{header.NAME}`, `{claim.NAME}`, and
+/// `{call.field.sub}` for fields of a call listed in `depends_on`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCall {
+    pub upstream: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path: String,
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A JSON body (strings in it are templates).
+    #[serde(default)]
+    pub body: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// A JSON pointer (`/address/city`) or a list of top-level fields to keep.
+    #[serde(default)]
+    pub select: Option<Select>,
+    /// A failing optional call gives `null` and an `_errors` entry instead of failing
+    /// the whole answer.
+    #[serde(default)]
+    pub optional: bool,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Client headers for this call (replaces the aggregation's list).
+    #[serde(default)]
+    pub forward_headers: Option<Vec<String>>,
+}
+
+/// How a call's answer is shaped.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Select {
+    Pointer(String),
+    Fields(Vec<String>),
 }

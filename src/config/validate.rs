@@ -541,11 +541,14 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
             );
         }
     }
-    if r.aggregate.is_some() {
-        errs.at(
-            &format!("{p}.aggregate"),
-            "`aggregate` is not supported by this build yet",
-        );
+    if let Some(agg) = &r.aggregate {
+        let ap = format!("{p}.aggregate");
+        let params = route_params(m);
+        if let Err(e) = crate::aggregate::Compiled::compile(agg, &params, &|u: &str| exists(u)) {
+            for (path, msg) in e {
+                errs.at(&format!("{ap}{path}"), msg);
+            }
+        }
     }
     if let Some(rt) = &r.retries {
         for (j, on) in rt.on.iter().enumerate() {
@@ -604,6 +607,24 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
     for (j, e) in r.plugins.iter().enumerate() {
         validate_plugin(e, &format!("{p}.plugins[{j}]"), errs);
     }
+}
+
+/// The parameters a route's path matcher captures.
+pub fn route_params(m: &crate::config::model::Match) -> Vec<String> {
+    let mut out = vec![];
+    if let Some(p) = &m.path {
+        for seg in p.split('/') {
+            if let Some(n) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                out.push(n.to_string());
+            }
+        }
+    }
+    if let Some(re) = &m.path_regex {
+        if let Ok(re) = regex::Regex::new(re) {
+            out.extend(re.capture_names().flatten().map(str::to_string));
+        }
+    }
+    out
 }
 
 fn check_header_map(m: &std::collections::BTreeMap<String, String>, p: &str, errs: &mut Errors) {

@@ -144,6 +144,8 @@ pub struct Ctx {
     deadline: Option<Instant>,
     /// A retryable status was seen; the error raised for it must be retried.
     retry_status_pending: bool,
+    /// What an aggregation's calls did, for the access log.
+    aggregate_calls: Vec<crate::aggregate::CallLog>,
 }
 
 impl Drop for Ctx {
@@ -208,6 +210,40 @@ fn new_traceparent() -> String {
         rand::random::<u128>() | 1,
         rand::random::<u64>() | 1
     )
+}
+
+/// The Pingora peer for an endpoint of `up`, with the upstream's TLS, protocol and
+/// timeouts (capped by `remaining`, the time left before the request's deadline).
+pub fn build_peer(
+    up: &Upstream,
+    ep: &Endpoint,
+    remaining: Option<std::time::Duration>,
+) -> HttpPeer {
+    let mut peer = match &up.tls {
+        Some(t) => {
+            let mut p = HttpPeer::new(ep.addr, true, t.sni.clone());
+            p.options.verify_cert = t.verify;
+            p.options.verify_hostname = t.verify && !t.sni.is_empty();
+            p.options.ca = t.ca.clone();
+            p.client_cert_key = t.client.clone();
+            p
+        }
+        None => HttpPeer::new(ep.addr, false, String::new()),
+    };
+    if up.http_version.0 == 2 {
+        peer.options.set_http_version(2, 2);
+        peer.options.max_h2_streams = 100;
+    }
+    let t = &up.timeouts;
+    let cap = |d: Option<std::time::Duration>| match (d, remaining) {
+        (Some(d), Some(r)) => Some(d.min(r)),
+        (d, r) => d.or(r),
+    };
+    peer.options.connection_timeout = cap(t.connect);
+    peer.options.read_timeout = cap(t.read);
+    peer.options.write_timeout = t.write;
+    peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+    peer
 }
 
 /// Result of picking an endpoint.
@@ -553,6 +589,7 @@ impl ProxyHttp for Proxy {
             tries: 0,
             deadline: None,
             retry_status_pending: false,
+            aggregate_calls: Vec::new(),
         }
     }
 
@@ -759,6 +796,41 @@ impl ProxyHttp for Proxy {
                 respond::write(session, *status, &hs, body, &ctx.request_id).await?;
                 return Ok(true);
             }
+            Action::Aggregate(agg) => {
+                let claims = ctx.plugin_ctx.as_ref().and_then(|p| p.claims.clone());
+                let trace_id = session
+                    .req_header()
+                    .headers
+                    .get("traceparent")
+                    .filter(|v| valid_traceparent(v.as_bytes()))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split('-').nth(1))
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>() | 1));
+                let env = crate::aggregate::Env {
+                    route: &route.name,
+                    request_id: &ctx.request_id,
+                    trace_id,
+                    params: &ctx.params,
+                    query: query.as_deref(),
+                    headers: &session.req_header().headers,
+                    claims: claims.as_ref(),
+                };
+                let answer = crate::aggregate::execute(agg, env, Arc::clone(&self.gw)).await;
+                ctx.own_status = Some(answer.status);
+                ctx.aggregate_calls = answer.calls;
+                let ct = (
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                let mut hs = vec![ct];
+                hs.extend(route.response_headers.set.iter().cloned());
+                if let Some(p) = &ctx.plugin_ctx {
+                    hs.extend(p.response_headers.iter().cloned());
+                }
+                respond::write(session, answer.status, &hs, answer.body, &ctx.request_id).await?;
+                return Ok(true);
+            }
             Action::Static { dir, index } => {
                 let rel = match &route.strip_prefix {
                     Some(p) => path.strip_prefix(p.as_str()).unwrap_or(&path).to_string(),
@@ -915,30 +987,7 @@ impl ProxyHttp for Proxy {
         let Some((up, ep)) = ctx.current_endpoint() else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no upstream");
         };
-        let mut peer = match &up.tls {
-            Some(t) => {
-                let mut p = HttpPeer::new(ep.addr, true, t.sni.clone());
-                p.options.verify_cert = t.verify;
-                p.options.verify_hostname = t.verify && !t.sni.is_empty();
-                p.options.ca = t.ca.clone();
-                p.client_cert_key = t.client.clone();
-                p
-            }
-            None => HttpPeer::new(ep.addr, false, String::new()),
-        };
-        if up.http_version.0 == 2 {
-            peer.options.set_http_version(2, 2);
-            peer.options.max_h2_streams = 100;
-        }
-        let t = &up.timeouts;
-        let cap = |d: Option<std::time::Duration>| match (d, remaining) {
-            (Some(d), Some(r)) => Some(d.min(r)),
-            (d, r) => d.or(r),
-        };
-        peer.options.connection_timeout = cap(t.connect);
-        peer.options.read_timeout = cap(t.read);
-        peer.options.write_timeout = t.write;
-        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        let peer = build_peer(up, ep, remaining);
         Ok(Box::new(peer))
     }
 
@@ -1428,6 +1477,24 @@ impl ProxyHttp for Proxy {
             } else if let Some(e) = e {
                 l.push_str(",\"error\":");
                 crate::accesslog::json_str(&mut l, e.etype().as_str());
+            }
+            if !ctx.aggregate_calls.is_empty() {
+                l.push_str(",\"calls\":[");
+                for (i, c) in ctx.aggregate_calls.iter().enumerate() {
+                    if i > 0 {
+                        l.push(',');
+                    }
+                    l.push_str("{\"name\":");
+                    crate::accesslog::json_str(&mut l, &c.name);
+                    let _ = write!(
+                        l,
+                        ",\"status\":{},\"outcome\":\"{}\",\"duration_ms\":{:.3},\"endpoint\":",
+                        c.status, c.outcome, c.ms
+                    );
+                    crate::accesslog::json_str(&mut l, &c.endpoint);
+                    l.push('}');
+                }
+                l.push(']');
             }
             l.push('}');
             self.gw.access_log.write(l);

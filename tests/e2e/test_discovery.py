@@ -86,25 +86,40 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        for c in _children(stack.pop()):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """pid and everything below it, with command lines (to tell a reused pid apart later)."""
+    return {p: _cmdline(p) for p in [pid] + descendants(pid)}
+
+
+def still_running(tree: dict[int, str]) -> list[tuple[int, str]]:
+    """The processes of `tree` that still run (same pid, same command line)."""
+    return [(p, c) for p, c in tree.items() if pid_running(p) and _cmdline(p) == c]
+
+
+def app_pid(pid: int) -> int:
+    """The application process of a replica: `pid` itself, or -- when the orchestrator
+    runs replicas under a `replica-shim` -- the command the shim started."""
+    if "replica-shim" not in _cmdline(pid):
+        return pid
+    kids = [c for c in _children(pid) if "replica-shim" not in _cmdline(c)]
+    assert kids, f"replica-shim {pid} has no child"
+    return kids[0]
+
+
 def remember(pid: int | None, what: str = "replica"):
     if pid:
         with _SEEN_LOCK:
-            _SEEN[int(pid)] = what
-        for c in _children(int(pid)):
-            with _SEEN_LOCK:
-                _SEEN[c] = what + " child"
-
-
-def replica_process_alive(pid: int, port: int | None = None) -> bool:
-    """A still running process that is (by its command line / environment) that replica."""
-    if not pid_running(pid):
-        return False
-    env = _environ(pid)
-    if "PORTICO_REPLICA_ID" not in env and "demo-backend" not in _cmdline(pid):
-        return False  # pid reused by something else
-    if port is not None and env.get("PORT") not in (None, str(port)):
-        return False
-    return True
+            for p in [int(pid)] + descendants(int(pid)):
+                _SEEN[p] = what
 
 
 @pytest.fixture(autouse=True)
@@ -501,45 +516,52 @@ def test_registry_changes_reach_routing_within_1s(procs):
 def test_replica_kill9_under_load_is_replaced_without_client_errors(procs, exe):
     gw = orch_gateway(procs, exe, orch_config([deployment(replicas=2)]))
     d = wait_ready(gw, 2)
-    victim = d["replicas"][0]
-    other = d["replicas"][1]
     wait_until(lambda: len(registry_instances(gw, "app")) == 2, 3, what="both replicas registered")
+    first, second = d["replicas"][0], d["replicas"][1]
+
+    def replaced(victim):
+        def check():
+            dd = get_deployment(gw)
+            for r in dd["replicas"]:
+                if (r["id"] == victim["id"] and r["phase"] == "ready" and r["pid"]
+                        and r["pid"] != victim["pid"] and r["restarts"] > victim["restarts"]):
+                    return r
+            return None
+        return check
 
     with Load(gw.port, threads=3) as load:
         wait_until(lambda: load.count() >= 100, 15, what="load to get going")
         assert not load.errors(), f"errors before the kill: {load.errors()[:5]}"
-        t_kill = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
-
-        def replaced():
-            dd = get_deployment(gw)
-            for r in dd["replicas"]:
-                if (r["id"] == victim["id"] and r["phase"] == "ready" and r["pid"]
-                        and r["pid"] != victim["pid"] and r["restarts"] >= 1):
-                    return r
-            return None
-        new = wait_until(replaced, 15, what=f"replica {victim['id']} to be restarted and ready")
-        t_back = time.monotonic()
-        assert pid_running(new["pid"]), f"new pid {new['pid']} not running"
-        # the new process serves traffic; the dead one does not
-        wait_until(lambda: f"web:{new['port']}" in load.served_since(t_back), 5,
-                   what="the restarted replica to receive traffic")
+        rounds = []
+        # 1) the application process crashes (kill -9 of the server itself);
+        # 2) kill -9 of the process the orchestrator started (the replica's pid)
+        for victim, target in ((first, app_pid(first["pid"])), (second, second["pid"])):
+            tree = process_tree(victim["pid"])
+            assert "demo-backend" in _cmdline(target), (target, tree)
+            t_kill = time.monotonic()
+            os.kill(target, signal.SIGKILL)
+            new = wait_until(replaced(victim), 15, what=f"replica {victim['id']} to be restarted and ready "
+                                                        f"after kill -9 of pid {target}")
+            t_back = time.monotonic()
+            assert pid_running(new["pid"]), f"new pid {new['pid']} not running"
+            wait_until(lambda: f"web:{new['port']}" in load.served_since(t_back), 5,
+                       what="the restarted replica to receive traffic")
+            wait_until(lambda: not still_running(tree), 3,
+                       what=f"every process of the killed replica to be gone ({tree})")
+            rounds.append((victim["id"], target, new, round(t_back - t_kill, 2)))
         time.sleep(0.5)
         count_during = load.count()
     errors = load.errors()
     assert count_during >= 300, f"only {count_during} requests under load; not a meaningful run"
-    assert not errors, (f"{len(errors)} of {load.count()} requests failed around the kill "
+    assert not errors, (f"{len(errors)} of {load.count()} requests failed around the kills "
                         f"(retries on connect_failure/reset configured): {errors[:5]}")
-    assert not pid_running(victim["pid"]), "killed replica still running?"
     dd = get_deployment(gw)
     assert dd["actual"] == 2 and len(ready_replicas(dd)) == 2, dd
-    same = [r for r in dd["replicas"] if r["id"] == other["id"]][0]
-    assert same["pid"] == other["pid"] and same["restarts"] == 0, f"the other replica was disturbed: {same}"
-    assert t_back - t_kill < 10
+    assert all(r["restarts"] == 1 for r in dd["replicas"]), f"each replica restarted once: {dd}"
     restarts = metric_sum(gw.metrics(), "portico_orchestrator_restarts_total", deployment="web")
-    assert restarts >= 1, f"portico_orchestrator_restarts_total{{deployment=web}} = {restarts}"
-    ports = {i["address"] for i in registry_instances(gw, "app")}
-    assert ports == {f"127.0.0.1:{new['port']}", f"127.0.0.1:{other['port']}"}, ports
+    assert restarts >= 2, f"portico_orchestrator_restarts_total{{deployment=web}} = {restarts} after 2 kills"
+    addrs = {i["address"] for i in registry_instances(gw, "app")}
+    assert addrs == {f"127.0.0.1:{r[2]['port']}" for r in rounds}, (addrs, rounds)
 
 
 def test_scale_up_and_down_registry_and_traffic_follow(procs, exe):
@@ -577,6 +599,7 @@ def test_scale_up_and_down_registry_and_traffic_follow(procs, exe):
 
     # ---- 5 -> 1
     before = {r["port"]: r["pid"] for r in d["replicas"]}
+    trees = {r["port"]: process_tree(r["pid"]) for r in d["replicas"]}
     t0 = time.monotonic()
     r = gw.admin("PUT", "/orchestrator/deployments/web/replicas", body=json.dumps({"replicas": 1}))
     assert r.status == 200, r
@@ -597,8 +620,8 @@ def test_scale_up_and_down_registry_and_traffic_follow(procs, exe):
     assert all(s == 200 for s, _ in res), res
     assert ports_of(res) == {survivor["port"]}, f"traffic after scale-down: {ports_of(res)}"
     # the removed processes are stopped (SIGTERM, SIGKILL after the 2 s grace period)
-    wait_until(lambda: not any(replica_process_alive(before[p], p) for p in removed), 6,
-               what="the 4 removed replica processes to exit")
+    wait_until(lambda: not any(still_running(trees[p]) for p in removed), 6,
+               what="the processes of the 4 removed replicas to exit")
     # (a process that has just exited is reaped and marked stopped a moment later)
     wait_until(lambda: len(get_deployment(gw)["replicas"]) == 1, 2, what="stopped replicas to leave the list")
     d = get_deployment(gw)
@@ -612,8 +635,9 @@ def test_rolling_update_under_load(procs, exe):
     d1 = wait_ready(gw, 2)
     assert d1["generation"] == 1
     old = {r["port"]: r["pid"] for r in d1["replicas"]}
+    old_trees = {r["port"]: process_tree(r["pid"]) for r in d1["replicas"]}
     for r in d1["replicas"]:
-        assert _environ(r["pid"]).get("APP_REV") == "1", f"replica env lacks APP_REV=1: {r}"
+        assert _environ(app_pid(r["pid"])).get("APP_REV") == "1", f"replica env lacks APP_REV=1: {r}"
     wait_until(lambda: len(registry_instances(gw, "app")) == 2, 3, what="2 registered replicas")
 
     with Load(gw.port, threads=3) as load:
@@ -648,9 +672,9 @@ def test_rolling_update_under_load(procs, exe):
     assert not (new_ports & set(old)), f"new replicas reuse old ports? {new_ports} vs {set(old)}"
     for r in d2["replicas"]:
         assert r["pid"] not in old.values(), f"replica {r} kept an old pid"
-        assert _environ(r["pid"]).get("APP_REV") == "2", f"new replica does not have the new env: {r}"
+        assert _environ(app_pid(r["pid"])).get("APP_REV") == "2", f"new replica does not have the new env: {r}"
     # every old replica process is gone (drained with SIGTERM, SIGKILL after 2 s at worst)
-    wait_until(lambda: not any(replica_process_alive(pid, port) for port, pid in old.items()), 5,
+    wait_until(lambda: not any(still_running(t) for t in old_trees.values()), 5,
                what="old-generation replica processes to exit")
     insts = registry_instances(gw, "app", None)
     assert {i["address"] for i in insts} == {f"127.0.0.1:{p}" for p in new_ports}, insts
@@ -660,53 +684,60 @@ def test_rolling_update_under_load(procs, exe):
     assert t_done - t0 < 30
 
 
-def _replica_pids(gw, name="web") -> dict[int, int]:
-    d = get_deployment(gw, name)
-    return {r["pid"]: r["port"] for r in d["replicas"] if r.get("pid")}
+def _replica_trees(gw, exe, name="web") -> dict[int, dict[int, str]]:
+    """{replica pid: its process tree}, once every tree contains its server process
+    (`EXE demo-backend ...`, under whatever shim or wrapper)."""
+    server = f"{exe} demo-backend"
+
+    def trees():
+        d = get_deployment(gw, name)
+        out = {r["pid"]: process_tree(r["pid"]) for r in d["replicas"] if r.get("pid")}
+        ok = all(any(c.startswith(server) for c in t.values()) for t in out.values())
+        return out if out and ok else None
+    out = wait_until(trees, 5, what=f"the server processes of {name}'s replicas")
+    for pid in out:
+        remember(pid)
+    return out
+
+
+def _wait_all_gone(trees: dict[int, dict[int, str]], within: float) -> list:
+    everything = {p: c for t in trees.values() for p, c in t.items()}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and still_running(everything):
+        time.sleep(0.05)
+    return still_running(everything)
 
 
 def test_gateway_sigkill_leaves_no_replica(procs, exe):
     gw = orch_gateway(procs, exe, orch_config([deployment(replicas=3)]))
     wait_ready(gw, 3)
-    pids = _replica_pids(gw)
-    assert len(pids) == 3
-    for pid, port in pids.items():
-        assert replica_process_alive(pid, port), f"replica {pid} not running before the kill"
+    trees = _replica_trees(gw, exe)
+    assert len(trees) == 3
+    for pid, tree in trees.items():
         assert os.getpgid(pid) == pid, f"replica {pid} should lead its own process group"
+        for p in tree:
+            assert os.getpgid(p) == pid, f"process {p} of replica {pid} is outside its process group: {tree}"
     assert gw.get("/x").status == 200
     gw.signal(signal.SIGKILL)
     assert gw.wait_exit(5) is not None
-    t0 = time.monotonic()
-    deadline = t0 + 1.5
-    left = dict(pids)
-    while left and time.monotonic() < deadline:
-        left = {p: port for p, port in left.items() if replica_process_alive(p, port)}
-        time.sleep(0.05)
-    assert not left, (f"replicas still running {time.monotonic() - t0:.1f}s after the gateway was SIGKILLed: "
-                      f"{[(p, _cmdline(p)) for p in left]}")
+    left = _wait_all_gone(trees, 1.5)
+    assert not left, f"replica processes still running 1.5 s after the gateway was SIGKILLed: {left}"
 
 
-def test_gateway_sigkill_leaves_no_process_of_a_wrapped_replica(procs, exe, tmp_path):
+def test_gateway_sigkill_leaves_no_process_of_a_wrapped_replica(procs, exe):
     """A replica whose command is a wrapper (a shell that starts the server as its child):
     the whole replica -- its process group -- must go when the gateway is SIGKILLed."""
     cmd = ["sh", "-c", f"{exe} demo-backend --name wrapped --port $PORT; echo exited"]
     gw = orch_gateway(procs, exe, orch_config([dict(deployment(name="wrapped", replicas=1), command=cmd)]))
-    d = wait_ready(gw, 1, name="wrapped")
-    sh_pid = d["replicas"][0]["pid"]
-    kids = wait_until(lambda: _children(sh_pid), 5, what="the wrapper's child")
-    remember(sh_pid)
-    for k in kids:
-        remember(k, "wrapped child")
-    server = [k for k in kids if "demo-backend" in _cmdline(k)]
-    assert server, f"wrapper children: {[(k, _cmdline(k)) for k in kids]}"
+    wait_ready(gw, 1, name="wrapped")
+    trees = _replica_trees(gw, exe, "wrapped")
+    tree = next(iter(trees.values()))
+    assert any(c.startswith("sh ") for c in tree.values()), f"no wrapper shell in {tree}"
     assert gw.get("/x").status == 200
     gw.signal(signal.SIGKILL)
     assert gw.wait_exit(5) is not None
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline and any(pid_running(p) for p in [sh_pid] + server):
-        time.sleep(0.05)
-    alive = [(p, _cmdline(p)) for p in [sh_pid] + server if pid_running(p)]
-    assert not alive, f"processes of the replica survived the gateway's SIGKILL: {alive}"
+    left = _wait_all_gone(trees, 1.5)
+    assert not left, f"processes of the wrapped replica survived the gateway's SIGKILL: {left} (tree {tree})"
 
 
 def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, exe, tmp_path):
@@ -723,15 +754,10 @@ def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, exe, tmp_p
     ]), server={"grace_period": "5s"}))
     wait_ready(gw, 2, name="web")
     d = wait_ready(gw, 2, name="term")
-    pids = _replica_pids(gw, "web")
-    term_pids = {r["pid"]: r["port"] for r in d["replicas"]}
-    children = {}
-    for pid in term_pids:
-        kids = wait_until(lambda: _children(pid), 5, what="the wrapper's child")
-        for k in kids:
-            remember(k)
-            children[k] = term_pids[pid]
-    assert len(pids) == 2 and len(term_pids) == 2 and len(children) >= 2, (pids, term_pids, children)
+    trees = _replica_trees(gw, exe, "web")
+    trees.update(_replica_trees(gw, exe, "term"))
+    term_ports = sorted(r["port"] for r in d["replicas"])
+    assert len(trees) == 4, trees
     res = burst(gw, 20)
     assert all(s == 200 for s, _ in res), res
 
@@ -740,15 +766,10 @@ def test_gateway_sigterm_stops_replicas_gracefully_and_exits_0(procs, exe, tmp_p
     code = gw.wait_exit(15)
     elapsed = time.monotonic() - t0
     assert code == 0, f"gateway exit code after SIGTERM: {code} (after {elapsed:.1f}s)"
-    deadline = time.monotonic() + 1.0
-    everything = {**pids, **term_pids, **children}
-    while time.monotonic() < deadline and any(pid_running(p) for p in everything):
-        time.sleep(0.05)
-    alive = [(p, _cmdline(p)) for p in everything if pid_running(p)]
-    assert not alive, f"replica processes still running after the gateway exited: {alive}"
+    left = _wait_all_gone(trees, 1.0)
+    assert not left, f"replica processes still running after the gateway exited: {left}"
     got = sorted(int(p.name) for p in marks.iterdir())
-    assert got == sorted(term_pids.values()), \
-        f"replicas that saw SIGTERM (by port): {got}; expected all of {sorted(term_pids.values())}"
+    assert got == term_ports, f"replicas that saw SIGTERM (by port): {got}; expected all of {term_ports}"
     log = gw.log_path.read_text(errors="replace")
     killed = [l for l in log.splitlines() if "did not stop within" in l]
     assert not killed, f"replicas had to be SIGKILLed: {killed}"
@@ -773,7 +794,7 @@ def test_scale_to_zero_and_back_on_demand(procs, exe):
         d = get_deployment(gw)
         assert d["desired"] == 1, d
         assert [x["port"] for x in ready_replicas(d)] == [port], (d, port)
-        pid = ready_replicas(d)[0]["pid"]
+        tree = process_tree(ready_replicas(d)[0]["pid"])
         # warm requests go straight to it
         res = burst(gw, 10)
         assert res == [(200, f"web:{port}")] * 10, res
@@ -784,7 +805,8 @@ def test_scale_to_zero_and_back_on_demand(procs, exe):
             return dd if dd["desired"] == 0 and not dd["replicas"] else None
         wait_until(at_zero, 2.0 + 1.0 + 3.0, interval=0.1, what=f"round {round_}: scale to zero after idling")
         t_zero = time.monotonic() - t_last
-        assert not replica_process_alive(pid, port), "the replica process outlived scale to zero"
+        left = _wait_all_gone({0: tree}, 1.0)
+        assert not left, f"replica processes outlived scale to zero: {left}"
         assert not registry_instances(gw, "app", None), "registry still lists the scaled-down replica"
         assert t_zero >= 0.3, f"scaled to zero only {t_zero:.2f}s after traffic stopped"
 
