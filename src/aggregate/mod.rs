@@ -1012,13 +1012,13 @@ mod tests {
 
     #[test]
     fn cycles_and_references_are_refused() {
-        let a = agg("calls:\n  a: { upstream: u, path: /a/{b.x}, depends_on: [b] }\n  b: { upstream: u, path: /b/{a.y}, depends_on: [a] }\n");
+        let a = agg("calls:\n  a: { upstream: u, path: \"/a/{b.x}\", depends_on: [b] }\n  b: { upstream: u, path: \"/b/{a.y}\", depends_on: [a] }\n");
         let e = Compiled::compile(&a, &[], &|_| true).unwrap_err();
         assert!(e.iter().any(|(_, m)| m.contains("cycle")), "{e:?}");
-        let a = agg("calls:\n  a: { upstream: u, path: /a/{nope} }\n");
+        let a = agg("calls:\n  a: { upstream: u, path: \"/a/{nope}\" }\n");
         assert!(Compiled::compile(&a, &["id".into()], &|_| true).is_err());
         let a =
-            agg("calls:\n  a: { upstream: u, path: /a/{c.x} }\n  c: { upstream: u, path: /c }\n");
+            agg("calls:\n  a: { upstream: u, path: \"/a/{c.x}\" }\n  c: { upstream: u, path: /c }\n");
         assert!(
             Compiled::compile(&a, &[], &|_| true).is_err(),
             "call used without depends_on"
