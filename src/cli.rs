@@ -23,7 +23,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the gateway.
-    Run,
+    Run {
+        /// Take the listening sockets over from a running Portico (graceful binary
+        /// upgrade): start the new binary with this flag, then send SIGQUIT to the old one.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate a config file without serving; prints every error as FILE:LINE:COL.
     Check,
     /// Explain which route a request would take, and why.
@@ -83,8 +88,8 @@ pub fn main() -> i32 {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("config/portico.yaml"));
-    match cli.cmd.unwrap_or(Cmd::Run) {
-        Cmd::Run => crate::server::run(cfg_path),
+    match cli.cmd.unwrap_or(Cmd::Run { upgrade: false }) {
+        Cmd::Run { upgrade } => crate::server::run(cfg_path, upgrade),
         Cmd::Check => check(&cfg_path),
         Cmd::Routes {
             method,

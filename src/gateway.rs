@@ -265,6 +265,9 @@ impl Gateway {
         let gw = Arc::clone(self);
         self.bg.spawn(async move {
             let mut rx = gw.registry.subscribe();
+            // Changes made before this subscription (DNS answers, replicas registered
+            // while starting) must reach routing too: begin with one recompile.
+            rx.mark_changed();
             while rx.changed().await.is_ok() {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 rx.borrow_and_update();

@@ -22,6 +22,9 @@ struct Signals {
     gw: Arc<Gateway>,
     drain_delay: Duration,
     grace: Duration,
+    /// Pingora's execution phases: an upgrade may exit only once the sockets are handed over.
+    phases:
+        std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>>>,
 }
 
 #[async_trait]
@@ -52,7 +55,24 @@ impl ShutdownSignalWatch for Signals {
                 ShutdownSignal::FastShutdown
             }
             _ = quit.recv() => {
+                // Binary upgrade: the new process (started with `run --upgrade`) takes the
+                // listening sockets; this one finishes its requests and exits.
+                log::info!("SIGQUIT: handing the listeners to the new process");
                 self.gw.draining.store(true, Ordering::SeqCst);
+                if let Some(mut phases) = self.phases.lock().ok().and_then(|mut p| p.take()) {
+                    let gw = Arc::clone(&self.gw);
+                    let grace = self.grace;
+                    tokio::spawn(async move {
+                        // Wait until Pingora sent the sockets and stopped accepting here.
+                        loop {
+                            match phases.recv().await {
+                                Ok(pingora::server::ExecutionPhase::ShutdownStarted) | Err(_) => break,
+                                Ok(_) => {}
+                            }
+                        }
+                        exit_when_idle(gw, grace);
+                    });
+                }
                 ShutdownSignal::GracefulUpgrade
             }
         }
@@ -113,7 +133,7 @@ fn mark_ready_when_bound(gw: Arc<Gateway>, addrs: Vec<String>) {
 }
 
 /// Runs the gateway with `path`; returns the exit code.
-pub fn run(path: PathBuf) -> i32 {
+pub fn run(path: PathBuf, upgrade: bool) -> i32 {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
@@ -176,9 +196,14 @@ pub fn run(path: PathBuf) -> i32 {
         work_stealing: false,
         grace_period_seconds: Some(cfg.server.grace_period.0.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     // One proxy service per listener: each has its own scheme, TLS acceptor and edge
@@ -288,6 +313,7 @@ pub fn run(path: PathBuf) -> i32 {
         gw: Arc::clone(&gw),
         drain_delay: cfg.server.drain_delay.0,
         grace: cfg.server.grace_period.0,
+        phases: std::sync::Mutex::new(Some(server.watch_execution_phase())),
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),

@@ -1017,8 +1017,9 @@ mod tests {
         assert!(e.iter().any(|(_, m)| m.contains("cycle")), "{e:?}");
         let a = agg("calls:\n  a: { upstream: u, path: \"/a/{nope}\" }\n");
         assert!(Compiled::compile(&a, &["id".into()], &|_| true).is_err());
-        let a =
-            agg("calls:\n  a: { upstream: u, path: \"/a/{c.x}\" }\n  c: { upstream: u, path: /c }\n");
+        let a = agg(
+            "calls:\n  a: { upstream: u, path: \"/a/{c.x}\" }\n  c: { upstream: u, path: /c }\n",
+        );
         assert!(
             Compiled::compile(&a, &[], &|_| true).is_err(),
             "call used without depends_on"

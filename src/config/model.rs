@@ -180,6 +180,13 @@ pub struct Server {
     /// Most concurrent HTTP/2 streams per client connection.
     #[serde(default = "default_h2_streams")]
     pub h2_max_concurrent_streams: u32,
+    /// Unix socket over which a binary upgrade hands the listening sockets over.
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+}
+
+fn default_upgrade_sock() -> String {
+    "/tmp/portico-upgrade.sock".into()
 }
 
 fn default_header_timeout() -> Dur {
@@ -228,6 +235,7 @@ impl Default for Server {
             max_request_line: default_max_request_line(),
             max_connections: default_max_connections(),
             h2_max_concurrent_streams: default_h2_streams(),
+            upgrade_sock: default_upgrade_sock(),
         }
     }
 }

@@ -1,11 +1,14 @@
 """Service discovery end to end: the embedded registry (admin API, TTLs and heartbeats,
 label selectors, static instances), how fast registry changes reach routing, and the
 embedded orchestrator (replica restarts after kill -9 under load, scaling through the
-admin API, rolling updates under load, what happens to replicas when the gateway is
-SIGKILLed or SIGTERMed, and scale to zero).
+admin API, rolling updates under load, what happens to every process of a replica --
+wrapped commands included -- when the gateway is SIGKILLed or SIGTERMed, scale to zero
+and back, slow cold starts, and restarts after the gateway's binary is replaced on disk).
 
-Every replica pid a test sees is remembered; anything still alive at teardown (after
-the gateway is gone) is killed, so a broken PR_SET_PDEATHSIG cannot leak processes
+Orchestrator gateways run from a private hard link of the binary (fixture `exe`), so a
+concurrent rebuild of target/debug/portico cannot break their replica starts. Every
+replica process a test sees is remembered; anything still alive at teardown (after the
+gateway is gone) is killed, so a broken parent-death mechanism cannot leak processes
 into later tests."""
 
 from __future__ import annotations

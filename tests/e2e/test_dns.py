@@ -5,6 +5,7 @@ against a real dnsmasq whose records the test changes while traffic flows."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
@@ -101,9 +102,13 @@ def _dnsmasq_binary() -> str | None:
     path = shutil.which("dnsmasq") or (shutil.which("dnsmasq", path="/usr/sbin:/sbin"))
     if path:
         return path
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "dnsmasq"], capture_output=True, timeout=300,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        r = subprocess.run(["apt-get", "install", "-y", "-q", "dnsmasq"], capture_output=True, timeout=300, env=env)
+        if r.returncode != 0:  # stale or missing package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, env=env)
+            subprocess.run(["apt-get", "install", "-y", "-q", "dnsmasq"], capture_output=True, timeout=300, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
