@@ -500,7 +500,6 @@ def test_header_value_stays_in_one_segment(env):
 
 def test_crlf_in_header_template_fails_that_call_not_injects(env):
     gw = env["gw"]
-    before = env["echo"]
     r = gw.get("/esc/ok?x=" + urllib.parse.quote("v\r\nX-Injected: yes\r\n\r\nGET /smuggled HTTP/1.1", safe=""),
                {"x-evil": "e"})
     assert r.status == 200, r
@@ -513,7 +512,6 @@ def test_crlf_in_header_template_fails_that_call_not_injects(env):
                        5, what="access log line")
     hv = [c for c in entry.get("calls", []) if c["name"] == "hv"]
     assert hv and hv[0]["outcome"] == "bad_template" and hv[0]["status"] == 0, entry
-    assert before  # the echo backend was used
 
 
 # --------------------------------------------------------------------------- 5. JWT claims
