@@ -11,6 +11,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# end-to-end test peers: h2load (HTTP/2 load), dnsmasq (DNS/SRV discovery)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 for extra in "$@"; do
   case "$extra" in
     bench) for p in nginx-light:nginx haproxy:haproxy wrk:wrk nghttp2-client:h2load; do
@@ -23,7 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ! python3 -c 'import pytest, brotli, zstandard' >/dev/null 2>&1; then
-  echo "setup: installing pytest, brotli, zstandard (for the end-to-end tests)" >&2
-  python3 -m pip install -q pytest brotli zstandard >/dev/null
+if ! python3 -c 'import pytest, brotli, zstandard, grpc, websockets' >/dev/null 2>&1; then
+  echo "setup: installing pytest, brotli, zstandard, grpcio, websockets (for the end-to-end tests)" >&2
+  python3 -m pip install -q pytest brotli zstandard grpcio websockets >/dev/null
 fi

@@ -455,6 +455,7 @@ def test_cache_memory_is_bounded(procs):
     for t in ts:
         t.join()
     grown = max(peak[0], gw.rss_bytes()) - base
+    print(f"RSS growth {grown / MIB:.1f} MiB")
     assert total == n * size
     assert grown < max_size + 24 * MIB, f"RSS grew by {grown / MIB:.1f} MiB filling {total / MIB:.0f} MiB"
     # Old entries were evicted, recent ones are there.
