@@ -25,7 +25,7 @@
 # Environment overrides: BENCH_SAT_SECS, BENCH_RATE_SECS, BENCH_WARMUP_SECS,
 #   BENCH_RATES ("5000 15000"), BENCH_CONNS (50), BENCH_IDLE_CONNS (5000),
 #   BENCH_WORK (work dir, default /tmp/portico-bench), BENCH_KEEP_WORK=1,
-#   BENCH_NGINX_ACCESS_LOG=off.
+#   BENCH_NGINX_ACCESS_LOG=off, BENCH_PORTICO_BIN (default target/release/portico).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -92,7 +92,7 @@ BODY='portico bench backend: a fixed 100-byte body so every proxy moves the same
 
 LOADGEN=$BENCH/loadgen/target/release/loadgen
 BARE_BIN=$ROOT/target/release/bare-pingora
-PORTICO_BIN=$ROOT/target/release/portico
+PORTICO_BIN=${BENCH_PORTICO_BIN:-$ROOT/target/release/portico}
 PY=python3
 
 # ------------------------------------------------------------------ install

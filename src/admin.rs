@@ -396,6 +396,33 @@ impl ServeHttp for Admin {
                 }
             }
             ("GET", "/routes") => reply(200, routes_json(&snap)),
+            ("POST", "/cache/purge") => {
+                #[derive(serde::Deserialize, Default)]
+                #[serde(deny_unknown_fields)]
+                struct Purge {
+                    #[serde(default)]
+                    path_prefix: Option<String>,
+                }
+                let req: Purge = if body.iter().all(u8::is_ascii_whitespace) {
+                    Purge::default()
+                } else {
+                    match serde_json::from_slice(&body) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            return reply(
+                                400,
+                                json!({"error": "bad_request", "message": format!("expected {{\"path_prefix\": \"/x\"}} or {{}}: {e}")}),
+                            )
+                        }
+                    }
+                };
+                let purged: usize = snap
+                    .plugin_instances
+                    .iter()
+                    .map(|(_, _, p)| p.purge(req.path_prefix.as_deref()))
+                    .sum();
+                reply(200, json!({"purged": purged}))
+            }
             ("GET", "/registry/services") => reply(200, self.gw.registry.to_json()),
             ("GET", "/orchestrator/deployments") => match self.orchestrator() {
                 Some(o) => reply(200, o.to_json()),

@@ -96,9 +96,12 @@ impl Matcher {
                     };
                     match seg {
                         Seg::Lit(l) if l == part => {}
-                        Seg::Param(n) if !part.is_empty() => {
-                            params.push((n.clone(), part.to_string()))
-                        }
+                        Seg::Param(n) if !part.is_empty() => params.push((
+                            n.clone(),
+                            percent_encoding::percent_decode_str(part)
+                                .decode_utf8_lossy()
+                                .into_owned(),
+                        )),
                         _ => {
                             params.truncate(start);
                             return Err("path does not match");
@@ -116,7 +119,9 @@ impl Matcher {
                 };
                 for name in re.capture_names().flatten() {
                     if let Some(m) = c.name(name) {
-                        params.push((name.to_string(), m.as_str().to_string()));
+                        let v =
+                            percent_encoding::percent_decode_str(m.as_str()).decode_utf8_lossy();
+                        params.push((name.to_string(), v.into_owned()));
                     }
                 }
             }

@@ -289,7 +289,8 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
     }
     crate::reload::on_sighup(Arc::clone(&gw));
     gw.start_registry_tasks();
-    if cfg.orchestrator.is_some() {
+    {
+        // Always there, so a reload that adds deployments starts them.
         let weak = Arc::downgrade(&gw);
         let load: crate::orchestrator::LoadFn = Arc::new(move |service: &str| {
             weak.upgrade()

@@ -269,12 +269,17 @@ impl Compiled {
                     .iter()
                     .map(|&i| self.calls[i].name.as_str())
                     .collect();
+                let mut path = render_shape(&c.path);
+                for (i, (k, t)) in c.query.iter().enumerate() {
+                    path.push(if i == 0 { '?' } else { '&' });
+                    path.push_str(&format!("{k}={}", render_shape(t)));
+                }
                 format!(
-                    "{} {} {}{}{}{}",
+                    "{} {} {} {}{}{}",
                     c.name,
                     c.method,
                     c.upstream,
-                    render_shape(&c.path),
+                    path,
                     if deps.is_empty() {
                         String::new()
                     } else {
@@ -542,6 +547,17 @@ async fn run_call(
     let mut tried: Vec<usize> = vec![];
     let mut endpoint = String::new();
     let retries = c.retry.as_ref().map(|r| r.attempts).unwrap_or(0);
+    // Like proxied requests: a call that may have effects is retried only after a
+    // failed connect, unless it is idempotent or says it is safe.
+    let idempotent = matches!(
+        c.prepared.req.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+    ) || c.prepared.req.headers.contains_key("idempotency-key")
+        || c.retry.as_ref().is_some_and(|p| p.non_idempotent);
     let mut attempt = 0u32;
     up.budget.deposit();
     loop {
@@ -601,10 +617,10 @@ async fn run_call(
                 let failed = status >= 500;
                 up.record_result(&ep, !failed);
                 count(&gw, up, &ep, if failed { "http_5xx" } else { "ok" });
-                let retry_status = c
-                    .retry
-                    .as_ref()
-                    .is_some_and(|p| p.on_status.contains(&status));
+                let retry_status = idempotent
+                    && c.retry
+                        .as_ref()
+                        .is_some_and(|p| p.on_status.contains(&status));
                 if !retry_status || attempt > retries || !up.budget.withdraw() {
                     return (Ok((status, body)), endpoint);
                 }
@@ -661,12 +677,13 @@ async fn run_call(
         if outcome != "http_5xx" {
             count(&gw, up, &ep, outcome);
         }
-        let policy_allows = c.retry.as_ref().is_some_and(|p| match kind {
-            "connect_failure" => p.on_connect_failure,
-            "reset" => p.on_reset,
-            "timeout" => p.on_timeout,
-            _ => true,
-        });
+        let policy_allows = (idempotent || kind == "connect_failure")
+            && c.retry.as_ref().is_some_and(|p| match kind {
+                "connect_failure" => p.on_connect_failure,
+                "reset" => p.on_reset,
+                "timeout" => p.on_timeout,
+                _ => true,
+            });
         let free_failover = kind == "connect_failure" && attempt < 2;
         let can = attempt <= retries.max(u32::from(free_failover))
             && (policy_allows || free_failover)
@@ -938,6 +955,27 @@ pub async fn execute(rt: &Runtime, env: Env<'_>, gw: Arc<crate::gateway::Gateway
                     endpoint,
                     &mut logs,
                 );
+                if f.timeout && Instant::now() + Duration::from_millis(5) >= deadline {
+                    // The call ran into the aggregation's own deadline.
+                    set.abort_all();
+                    let mut pending: Vec<&str> = (0..n)
+                        .filter(|&j| state[j] == 1)
+                        .map(|j| comp.calls[j].name.as_str())
+                        .collect();
+                    pending.insert(0, call.name.as_str());
+                    return error_answer(
+                        504,
+                        "aggregate_timeout",
+                        &format!(
+                            "the aggregation timed out after {:?} waiting for {}",
+                            comp.timeout,
+                            pending.join(", ")
+                        ),
+                        &call.name,
+                        env.request_id,
+                        logs,
+                    );
+                }
                 if !call.optional {
                     set.abort_all();
                     let status = if f.timeout { 504 } else { 502 };

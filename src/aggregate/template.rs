@@ -103,6 +103,10 @@ impl Template {
                 Piece::Var(v) => {
                     let raw = resolve_text(v, inp)?;
                     match esc {
+                        Escape::Segment if raw.is_empty() => {
+                            // An empty segment would change the path (`/users/` is a list).
+                            return Err(format!("{} is empty", describe(v)));
+                        }
                         Escape::Segment => {
                             let enc = utf8_percent_encode(&raw, SEGMENT).to_string();
                             // `.` and `..` alone would still be dot segments.

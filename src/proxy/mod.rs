@@ -490,6 +490,10 @@ impl Proxy {
         if let Some(p) = &ctx.plugin_ctx {
             hs.extend(p.response_headers.iter().cloned());
         }
+        if let Some(route) = &ctx.route {
+            hs.retain(|(k, _)| !route.response_headers.remove.contains(k));
+            hs.extend(route.response_headers.set.iter().cloned());
+        }
         if respond::is_grpc(session) && r.status >= 400 {
             let msg = String::from_utf8_lossy(&r.body).trim().to_string();
             return respond::grpc_error(
@@ -710,6 +714,25 @@ impl ProxyHttp for Proxy {
         ctx.route = Some(Arc::clone(&route));
 
         if !route.plugins.is_empty() {
+            // HTTP/2 requests carry the host in `:authority`; plugins (and HTTP/1
+            // upstreams) see it as Host.
+            if session
+                .req_header()
+                .headers
+                .get(http::header::HOST)
+                .is_none()
+            {
+                if let Some(a) = session
+                    .req_header()
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                {
+                    session
+                        .req_header_mut()
+                        .insert_header(http::header::HOST, a)?;
+                }
+            }
             let mut pctx = Box::new(PluginCtx {
                 request_id: ctx.request_id.clone(),
                 route: Arc::clone(&route.name),
@@ -728,11 +751,14 @@ impl ProxyHttp for Proxy {
                     edits: &mut edits,
                 };
                 if let Flow::Respond(r) = p.on_request(&mut view, &mut pctx).await {
-                    self.gw
-                        .metrics
-                        .plugin_rejections
-                        .with_label_values(&[&route.name, p.name(), &r.status.to_string()])
-                        .inc();
+                    // Answers such as cache hits or CORS preflights are not rejections.
+                    if r.status >= 400 {
+                        self.gw
+                            .metrics
+                            .plugin_rejections
+                            .with_label_values(&[&route.name, p.name(), &r.status.to_string()])
+                            .inc();
+                    }
                     reply = Some(r);
                     break;
                 }

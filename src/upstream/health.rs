@@ -17,6 +17,10 @@ pub fn spawn(rt: &tokio::runtime::Handle, up: &Arc<Upstream>) {
         return;
     };
     let weak: Weak<Upstream> = Arc::downgrade(up);
+    // TLS and HTTP/2 upstreams are probed like requests are sent: through Pingora's
+    // connector with the upstream's own peer settings.
+    let connector = (up.tls.is_some() || up.http_version.0 == 2)
+        .then(|| Arc::new(pingora::connectors::http::Connector::new(None)));
     rt.spawn(async move {
         loop {
             let Some(up) = weak.upgrade() else { return };
@@ -24,8 +28,14 @@ pub fn spawn(rt: &tokio::runtime::Handle, up: &Arc<Upstream>) {
                 let ep = Arc::clone(ep);
                 let hc = hc.clone();
                 let name = Arc::clone(&up.name);
+                let via = connector
+                    .clone()
+                    .map(|c| (c, crate::proxy::build_peer(&up, &ep, Some(hc.timeout.0))));
                 async move {
-                    let ok = probe(&ep, &hc).await;
+                    let ok = match via {
+                        Some((c, peer)) => probe_peer(&c, &peer, &hc).await,
+                        None => probe(&ep, &hc).await,
+                    };
                     record(&name, &ep, &hc, ok);
                 }
             });
@@ -74,6 +84,32 @@ fn record(upstream: &str, ep: &Endpoint, hc: &HealthCheck, ok: bool) {
             );
         }
     }
+}
+
+/// A probe over Pingora's connector (TLS, h2, h2c upstreams).
+async fn probe_peer(
+    c: &pingora::connectors::http::Connector,
+    peer: &pingora::upstreams::peer::HttpPeer,
+    hc: &HealthCheck,
+) -> bool {
+    let fut = async {
+        let (mut s, _) = c.get_http_session(peer).await.ok()?;
+        let mut req = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None).ok()?;
+        let host = hc.host.clone().unwrap_or_else(|| peer._address.to_string());
+        req.insert_header(http::header::HOST, host).ok()?;
+        req.insert_header(http::header::USER_AGENT, "portico-health-check")
+            .ok()?;
+        s.write_request_header(Box::new(req)).await.ok()?;
+        s.finish_request_body().await.ok()?;
+        s.read_response_header().await.ok()?;
+        let status = s.response_header()?.status.as_u16();
+        while let Ok(Some(_)) = s.read_response_body().await {}
+        Some((200..400).contains(&status))
+    };
+    matches!(
+        tokio::time::timeout(hc.timeout.0.max(Duration::from_millis(1)), fut).await,
+        Ok(Some(true))
+    )
 }
 
 /// Where a probe goes.

@@ -212,7 +212,14 @@ impl Upstream {
             health_check: spec.health_check.clone(),
             breaker: spec.circuit_breaker.clone(),
             outlier: spec.outlier_detection.clone(),
-            tls: spec.tls.as_ref().and_then(|t| UpstreamTlsRt::load(t).ok()),
+            tls: spec.tls.as_ref().and_then(|t| {
+                let mut rt = UpstreamTlsRt::load(t).ok()?;
+                if rt.sni.is_empty() {
+                    // Without an explicit `sni`, the Host the upstream sets names the server.
+                    rt.sni = spec.host.clone().unwrap_or_default();
+                }
+                Some(rt)
+            }),
             http_version: match spec.protocol.as_deref() {
                 Some("h2") | Some("h2c") => (2, 2),
                 _ => (1, 1),

@@ -70,20 +70,15 @@ class PKI:
         return crt, key
 
     def leaf(self, name: str, cn: str, sans: list[str], serial: int, org: str = "Portico Test",
-             eku: str = "serverAuth", out_dir: Path | None = None, ca=None, key_from: Path | None = None):
-        """Writes NAME.crt / NAME.key (into `out_dir`, default the PKI folder); returns (crt, key).
-
-        `key_from` reuses an existing key instead of making a new one."""
+             eku: str = "serverAuth", out_dir: Path | None = None, ca=None):
+        """Writes NAME.crt / NAME.key (into `out_dir`, default the PKI folder); returns (crt, key)."""
         ca_crt, ca_key = ca or (self.ca_crt, self.ca_key)
         out = Path(out_dir or self.dir)
         out.mkdir(parents=True, exist_ok=True)
         key, crt = out / f"{name}.key", out / f"{name}.crt"
         work = self.dir / f".work-{name}-{serial}"
         work.mkdir(exist_ok=True)
-        if key_from is None:
-            _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", work / "k.pem")
-        else:
-            (work / "k.pem").write_bytes(Path(key_from).read_bytes())
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", work / "k.pem")
         subj = f"/CN={cn}" + (f"/O={org}" if org else "")
         _openssl("req", "-new", "-key", work / "k.pem", "-subj", subj, "-out", work / "r.csr")
         (work / "ext").write_text(f"subjectAltName={','.join(sans)}\nextendedKeyUsage={eku}\n"
@@ -305,7 +300,7 @@ def test_min_version_13_refuses_tls12(sni_gw):
 def test_hsts_and_redirect_https(procs, pki):
     backend = procs.backend("hsts-echo")
     tls_port, redir_port, redir443_port = free_port(), free_port(), free_port()
-    gw = procs.gateway({
+    procs.gateway({
         "listeners": [
             {"name": "tls", "bind": f"127.0.0.1:{tls_port}", "http2": True,
              "tls": {"certificates": [cert_pair(pki.localhost)],
@@ -351,6 +346,8 @@ def test_hsts_and_redirect_https(procs, pki):
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith(f"\n200 https://localhost:{tls_port}/hello"), r.stdout
     assert r.stdout.startswith("hello\n"), r.stdout
+    stats = http_request(backend.port, "GET", "/_stats").json()
+    assert stats["requests"] == 1, f"only /echo/x should have reached the backend: {stats}"
 
 
 def test_redirect_https_host_edge_cases(procs, pki):
@@ -635,6 +632,16 @@ def test_mtls_optional_strips_forged_subject(mtls_gw, pki, tmp_path):
              "x-client-cert-subject: CN=admin", f"https://localhost:{port}/curl")
     assert r.returncode == 0, r.stderr
     assert "x-client-cert-subject" not in json.loads(r.stdout)["headers"], r.stdout
+
+
+def test_forged_subject_header_stripped_on_listeners_without_client_ca(mtls_gw, pki):
+    """The subject header is the gateway's word on every listener: a plain-HTTP client of the same
+    gateway must not be able to hand the upstream a forged one either."""
+    r = http_request(mtls_gw.plain_port, "GET", "/plain", {"x-client-cert-subject": "CN=portico-dev-client"})
+    assert r.status == 200, r
+    seen = r.json()["headers"]
+    assert "x-client-cert-subject" not in seen, \
+        f"a plain-listener client forged x-client-cert-subject for the upstream: {seen.get('x-client-cert-subject')!r}"
 
 
 def test_mtls_subject_is_escaped(procs, pki, tmp_path):

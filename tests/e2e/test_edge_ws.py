@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import free_port, http_request, wait_until
+from conftest import wait_until
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BIN, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -138,6 +138,7 @@ class WSEchoServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket):
+        upgraded = False
         try:
             head, rest = _read_head(conn)
             lines = head.decode("latin-1").split("\r\n")
@@ -156,6 +157,7 @@ class WSEchoServer:
             with self.lock:
                 self.upgrades.append(info)
                 self.open_sockets += 1
+            upgraded = True
             conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                           f"Sec-WebSocket-Accept: {accept_key(headers['sec-websocket-key'])}\r\n\r\n").encode())
             assert not rest, "client sent frames before the 101"
@@ -172,8 +174,8 @@ class WSEchoServer:
         except (ConnectionError, OSError, ValueError, AssertionError, KeyError):
             pass
         finally:
-            with self.lock:
-                if self.upgrades and self.open_sockets:
+            if upgraded:
+                with self.lock:
                     self.open_sockets -= 1
             try:
                 conn.close()

@@ -52,9 +52,9 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    /// The leader's outcome, or `None` when the lock timed out.
-    pub async fn wait(mut self) -> Option<Outcome> {
-        let deadline = tokio::time::Instant::from_std(self.deadline);
+    /// The leader's outcome, or `None` when the lock timed out or `give_up` came first.
+    pub async fn wait(mut self, give_up: Instant) -> Option<Outcome> {
+        let deadline = tokio::time::Instant::from_std(self.deadline.min(give_up));
         match tokio::time::timeout_at(deadline, self.rx.wait_for(|o| *o != Outcome::Pending)).await
         {
             Ok(Ok(o)) => Some(*o),
@@ -170,6 +170,22 @@ impl Drop for Guard {
 mod tests {
     use super::*;
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test]
+    async fn waiters_give_up_at_their_own_deadline() {
+        let locks = Locks::new(Duration::from_secs(60));
+        let Acquired::Leader(_g) = locks.acquire("k") else {
+            panic!()
+        };
+        let w = locks.wait_on("k").unwrap();
+        let t = Instant::now();
+        assert_eq!(w.wait(t + Duration::from_millis(30)).await, None);
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
     #[tokio::test]
     async fn one_leader_many_waiters() {
         let locks = Locks::new(Duration::from_secs(5));
@@ -181,7 +197,7 @@ mod tests {
             let Acquired::Wait(w) = locks.acquire("k") else {
                 panic!("later ones wait")
             };
-            waiters.push(tokio::spawn(w.wait()));
+            waiters.push(tokio::spawn(w.wait(far())));
         }
         assert!(matches!(locks.acquire("other"), Acquired::Leader(_)));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -200,7 +216,7 @@ mod tests {
             panic!()
         };
         let w = locks.wait_on("k").unwrap();
-        let t = tokio::spawn(w.wait());
+        let t = tokio::spawn(w.wait(far()));
         drop(g);
         assert_eq!(t.await.unwrap(), Some(Outcome::Failed));
         assert!(matches!(locks.acquire("k"), Acquired::Leader(_)));
@@ -216,7 +232,7 @@ mod tests {
             panic!()
         };
         let t = Instant::now();
-        assert_eq!(w.wait().await, None);
+        assert_eq!(w.wait(far()).await, None);
         assert!(t.elapsed() >= Duration::from_millis(40));
         let Acquired::Leader(new) = locks.acquire("k") else {
             panic!("a timed-out lock is taken over")

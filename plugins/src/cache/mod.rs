@@ -2,8 +2,8 @@
 //! principles as Pingora's cache (a shared cache in the sense of RFC 9111), with
 //! request coalescing and S3-FIFO eviction in a byte budget.
 //!
-//! - **Key**: route, host, path and query (method-independent: a HEAD is answered from
-//!   a GET's entry), plus, per variant, the values of the request headers the
+//! - **Key**: route, `Host`, path and query (method-independent: a HEAD is answered
+//!   from a GET's entry; a request without `Host` is not cached), plus, per variant, the values of the request headers the
 //!   response's `Vary` names (up to 16 variants per key; `Vary: *` is not stored).
 //! - **Stored**: answers to GET with status 200, 203, 204, 300, 301, 404 or 410 and
 //!   a freshness lifetime (`s-maxage`, else `max-age`, else `Expires` − `Date`, else
@@ -57,7 +57,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use store::{Entry, State, Store};
 
-/// How many times a waiting request looks again after its leader finished.
+/// How many times a waiting request looks again after its leader finished (all within
+/// one `lock_timeout`).
 const MAX_ROUNDS: usize = 4;
 
 fn default_ttl() -> Dur {
@@ -90,6 +91,7 @@ struct Settings {
 struct Shared {
     store: Mutex<Store>,
     locks: Arc<Locks>,
+    lock_timeout: Duration,
     max_object: usize,
     ttl: Duration,
     swr: Duration,
@@ -143,13 +145,14 @@ fn label(ctx: &mut Context, value: &'static str) {
         .push((name, http::HeaderValue::from_static(value)));
 }
 
-/// The primary key: route, host, path and query.
-fn primary_key(route: &str, req: &RequestView<'_>) -> String {
+/// The primary key: route, host, path and query; `None` without a `Host` field (the
+/// plugin cannot tell which site the request is for, so it is not cached).
+fn primary_key(route: &str, req: &RequestView<'_>) -> Option<String> {
     let host = req
         .headers
         .get(http::header::HOST)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
-        .unwrap_or_default();
+        .filter(|h| !h.is_empty())?;
     let mut k = String::with_capacity(route.len() + host.len() + req.path.len() + 8);
     k.push_str(route);
     k.push('\n');
@@ -160,7 +163,7 @@ fn primary_key(route: &str, req: &RequestView<'_>) -> String {
         k.push('?');
         k.push_str(q);
     }
-    k
+    Some(k)
 }
 
 /// Whether the request asks for part of a response or a conditional answer, which
@@ -268,6 +271,7 @@ impl Cache {
             shared: Arc::new(Shared {
                 store: Mutex::new(Store::new(max_size)),
                 locks: Locks::new(s.lock_timeout.0),
+                lock_timeout: s.lock_timeout.0,
                 max_object,
                 ttl: s.ttl.0,
                 swr: s.stale_while_revalidate.0,
@@ -315,7 +319,10 @@ impl Plugin for Cache {
     async fn on_request(&self, req: &mut RequestView<'_>, ctx: &mut Context) -> Flow {
         // Whatever an earlier request left at this slot is over.
         drop(self.take_pending(ctx));
-        let key = primary_key(&ctx.route, req);
+        let Some(key) = primary_key(&ctx.route, req) else {
+            label(ctx, "BYPASS");
+            return Flow::Continue;
+        };
         let head = *req.method == http::Method::HEAD;
         if *req.method != http::Method::GET && !head {
             if !req.method.is_safe() {
@@ -339,6 +346,8 @@ impl Plugin for Cache {
             RequestMode::Normal => {}
         }
         let may_lead = !head && !partial_or_conditional(req.headers);
+        // However many leaders come and go, a request waits at most this long.
+        let give_up = Instant::now() + self.shared.lock_timeout;
         for _ in 0..MAX_ROUNDS {
             let now = Instant::now();
             let found = self.shared.store().lookup(&key, req.headers, now);
@@ -371,7 +380,7 @@ impl Plugin for Cache {
                 // Someone is refreshing it: serve the stale copy meanwhile.
                 return Flow::Respond(answer(&e, "STALE", now));
             }
-            match waiter.wait().await {
+            match waiter.wait(give_up).await {
                 Some(Outcome::Stored) | Some(Outcome::Failed) => continue,
                 Some(Outcome::Uncacheable) | Some(Outcome::Pending) | None => break,
             }
@@ -388,6 +397,10 @@ impl Plugin for Cache {
         resp: &mut ResponseView<'_>,
         ctx: &mut Context,
     ) -> Option<Box<dyn BodyFilter>> {
+        if resp.status < 200 {
+            // An interim answer; the final one follows.
+            return None;
+        }
         let p = self.take_pending(ctx)?;
         let refuse = |p: Pending, why: &str| {
             log::debug!("cache: not storing {:?}: {why}", p.path);

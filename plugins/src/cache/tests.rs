@@ -1,6 +1,16 @@
 use super::*;
 use crate::testutil::*;
 
+/// `GET target` with a `Host`.
+fn get(target: &str) -> Req {
+    Req::get(target).header("host", "h.test")
+}
+
+/// `METHOD target` with a `Host`.
+fn req(method: &str, target: &str) -> Req {
+    Req::new(method, target).header("host", "h.test")
+}
+
 fn cache(yaml: &str) -> Arc<dyn Plugin> {
     build(yaml).unwrap()
 }
@@ -41,6 +51,15 @@ fn upstream(
     }
     p.on_log(status, c);
     had
+}
+
+#[tokio::test]
+async fn no_host_no_cache() {
+    let p = cache("cache:");
+    let (f, mut c) = ask(&*p, &Req::get("/nh")).await;
+    assert!(matches!(f, Flow::Continue));
+    assert_eq!(x_cache(&c).as_deref(), Some("BYPASS"));
+    assert!(!upstream(&*p, &Req::get("/nh"), &mut c, 200, &[], &["x"]));
 }
 
 fn x_cache(c: &Context) -> Option<String> {
@@ -123,7 +142,7 @@ async fn miss_then_hit_and_head_from_get() {
 #[tokio::test]
 async fn head_miss_is_not_stored() {
     let p = cache("cache:");
-    let r = Req::new("HEAD", "/h");
+    let r = req("HEAD", "/h");
     let (f, mut c) = ask(&*p, &r).await;
     assert!(matches!(f, Flow::Continue));
     assert_eq!(x_cache(&c).as_deref(), Some("MISS"));
@@ -135,14 +154,14 @@ async fn head_miss_is_not_stored() {
         &[("content-length", "5")],
         &[]
     ));
-    let (f, _) = ask(&*p, &Req::get("/h")).await;
+    let (f, _) = ask(&*p, &get("/h")).await;
     assert!(matches!(f, Flow::Continue));
 }
 
 #[tokio::test]
 async fn expires_at_max_age() {
     let p = cache("cache: { ttl: 60s }");
-    let r = Req::get("/e");
+    let r = get("/e");
     let (_, mut c) = ask(&*p, &r).await;
     upstream(
         &*p,
@@ -173,7 +192,7 @@ async fn uncacheable_responses() {
         (302, &[]),
     ];
     for (i, (status, headers)) in cases.iter().enumerate() {
-        let r = Req::get(&format!("/u{i}"));
+        let r = get(&format!("/u{i}"));
         let (_, mut c) = ask(&*p, &r).await;
         assert!(!upstream(&*p, &r, &mut c, *status, headers, &["x"]), "{i}");
         let (f, c) = ask(&*p, &r).await;
@@ -182,7 +201,7 @@ async fn uncacheable_responses() {
     }
     // ttl 0: only explicit freshness.
     let p = cache("cache: { ttl: 0s }");
-    let r = Req::get("/z");
+    let r = get("/z");
     let (_, mut c) = ask(&*p, &r).await;
     assert!(!upstream(&*p, &r, &mut c, 200, &[], &["x"]));
     let (_, mut c) = ask(&*p, &r).await;
@@ -200,7 +219,7 @@ async fn uncacheable_responses() {
 #[tokio::test]
 async fn public_set_cookie_is_stored_without_it() {
     let p = cache("cache:");
-    let r = Req::get("/sc");
+    let r = get("/sc");
     let h = [
         ("set-cookie", "s=1"),
         ("cache-control", "public, max-age=60"),
@@ -213,7 +232,7 @@ async fn public_set_cookie_is_stored_without_it() {
 #[tokio::test]
 async fn authorization_needs_public() {
     let p = cache("cache:");
-    let r = Req::get("/me").header("authorization", "Bearer t");
+    let r = get("/me").header("authorization", "Bearer t");
     let (_, mut c) = ask(&*p, &r).await;
     assert!(!upstream(
         &*p,
@@ -238,17 +257,17 @@ async fn authorization_needs_public() {
 #[tokio::test]
 async fn request_directives() {
     let p = cache("cache:");
-    let r = Req::get("/d");
+    let r = get("/d");
     miss_and_fill(&*p, &r, &[], "old").await;
     // no-store: bypass, nothing stored.
-    let ns = Req::get("/d").header("cache-control", "no-store");
+    let ns = get("/d").header("cache-control", "no-store");
     let (f, mut c) = ask(&*p, &ns).await;
     assert!(matches!(f, Flow::Continue));
     assert_eq!(x_cache(&c).as_deref(), Some("BYPASS"));
     assert!(!upstream(&*p, &ns, &mut c, 200, &[], &["nostore"]));
     assert_eq!(&hit(&*p, &r).await.body[..], b"old");
     // no-cache: upstream, and the answer refreshes the entry.
-    let nc = Req::get("/d").header("cache-control", "no-cache");
+    let nc = get("/d").header("cache-control", "no-cache");
     let (f, mut c) = ask(&*p, &nc).await;
     assert!(matches!(f, Flow::Continue));
     assert_eq!(x_cache(&c).as_deref(), Some("BYPASS"));
@@ -259,14 +278,14 @@ async fn request_directives() {
 #[tokio::test]
 async fn unsafe_methods_bypass_and_invalidate() {
     let p = cache("cache:");
-    let r = Req::get("/i");
+    let r = get("/i");
     miss_and_fill(&*p, &r, &[], "x").await;
     hit(&*p, &r).await;
-    let (f, c) = ask(&*p, &Req::new("OPTIONS", "/i")).await;
+    let (f, c) = ask(&*p, &req("OPTIONS", "/i")).await;
     assert!(matches!(f, Flow::Continue));
     assert_eq!(x_cache(&c).as_deref(), Some("BYPASS"));
     hit(&*p, &r).await;
-    let (f, c) = ask(&*p, &Req::new("POST", "/i")).await;
+    let (f, c) = ask(&*p, &req("POST", "/i")).await;
     assert!(matches!(f, Flow::Continue));
     assert_eq!(x_cache(&c).as_deref(), Some("BYPASS"));
     let (f, _) = ask(&*p, &r).await;
@@ -276,15 +295,15 @@ async fn unsafe_methods_bypass_and_invalidate() {
 #[tokio::test]
 async fn vary_keeps_variants() {
     let p = cache("cache:");
-    let gz = Req::get("/v").header("accept-encoding", "gzip");
-    let id = Req::get("/v").header("accept-encoding", "identity");
+    let gz = get("/v").header("accept-encoding", "gzip");
+    let id = get("/v").header("accept-encoding", "identity");
     let h = [("vary", "Accept-Encoding"), ("cache-control", "max-age=60")];
     miss_and_fill(&*p, &gz, &h, "gzipped").await;
     // The other variant misses and is stored beside the first.
     miss_and_fill(&*p, &id, &h, "plain").await;
     assert_eq!(&hit(&*p, &gz).await.body[..], b"gzipped");
     assert_eq!(&hit(&*p, &id).await.body[..], b"plain");
-    let (f, _) = ask(&*p, &Req::get("/v").header("accept-encoding", "br")).await;
+    let (f, _) = ask(&*p, &get("/v").header("accept-encoding", "br")).await;
     assert!(matches!(f, Flow::Continue));
 }
 
@@ -292,7 +311,7 @@ async fn vary_keeps_variants() {
 async fn earlier_plugin_edits_are_stored() {
     // What an earlier plugin (compression) did to the header is what gets stored.
     let p = cache("cache:");
-    let r = Req::get("/c").header("accept-encoding", "gzip");
+    let r = get("/c").header("accept-encoding", "gzip");
     let (_, mut c) = ask(&*p, &r).await;
     let mut h = http::HeaderMap::new();
     h.insert("content-length", "100".parse().unwrap());
@@ -315,7 +334,7 @@ async fn earlier_plugin_edits_are_stored() {
     assert_eq!(reply_header(&rep, "content-encoding"), Some("gzip"));
     assert_eq!(reply_header(&rep, "etag"), Some("W/\"x\""));
     assert_eq!(&rep.body[..], b"zz");
-    let (f, _) = ask(&*p, &Req::get("/c")).await;
+    let (f, _) = ask(&*p, &get("/c")).await;
     assert!(matches!(f, Flow::Continue), "varies on Accept-Encoding");
 }
 
@@ -323,7 +342,7 @@ async fn earlier_plugin_edits_are_stored() {
 async fn too_large_objects_are_not_stored() {
     let p = cache("cache: { max_size: 64KiB, max_object_size: 2KiB }");
     let big = "x".repeat(3000);
-    let r = Req::get("/big");
+    let r = get("/big");
     let (_, mut c) = ask(&*p, &r).await;
     let cl = big.len().to_string();
     assert!(!upstream(
@@ -346,7 +365,7 @@ async fn too_large_objects_are_not_stored() {
     let (f, _) = ask(&*p, &r).await;
     assert!(matches!(f, Flow::Continue), "too large once streamed");
     // A body shorter than declared (broken upstream) is not stored.
-    let r = Req::get("/short");
+    let r = get("/short");
     let (_, mut c) = ask(&*p, &r).await;
     upstream(&*p, &r, &mut c, 200, &[("content-length", "10")], &["abc"]);
     let (f, _) = ask(&*p, &r).await;
@@ -356,7 +375,7 @@ async fn too_large_objects_are_not_stored() {
 #[tokio::test]
 async fn empty_bodies_are_stored_at_once() {
     let p = cache("cache:");
-    let r = Req::get("/204");
+    let r = get("/204");
     let (_, mut c) = ask(&*p, &r).await;
     assert!(!upstream(&*p, &r, &mut c, 204, &[], &[]));
     let rep = hit(&*p, &r).await;
@@ -371,7 +390,7 @@ async fn memory_is_bounded() {
     let p: Arc<dyn Plugin> = c.clone();
     let body = "y".repeat(4000);
     for i in 0..500 {
-        let r = Req::get(&format!("/m/{i}"));
+        let r = get(&format!("/m/{i}"));
         miss_and_fill(&*p, &r, &[], &body).await;
     }
     let (used, len) = {
@@ -380,21 +399,21 @@ async fn memory_is_bounded() {
     };
     assert!(used <= 256 * 1024);
     assert!(len > 40 && len < 64, "{len}");
-    let (f, _) = ask(&*p, &Req::get("/m/0")).await;
+    let (f, _) = ask(&*p, &get("/m/0")).await;
     assert!(matches!(f, Flow::Continue), "the oldest was evicted");
-    hit(&*p, &Req::get("/m/499")).await;
+    hit(&*p, &get("/m/499")).await;
 }
 
 #[tokio::test]
 async fn purge_by_prefix_or_all() {
     let p = cache("cache:");
     for path in ["/x/1", "/x/2", "/y/1"] {
-        miss_and_fill(&*p, &Req::get(path), &[], "b").await;
+        miss_and_fill(&*p, &get(path), &[], "b").await;
     }
     assert_eq!(p.purge(Some("/x")), 2);
-    let (f, _) = ask(&*p, &Req::get("/x/1")).await;
+    let (f, _) = ask(&*p, &get("/x/1")).await;
     assert!(matches!(f, Flow::Continue));
-    hit(&*p, &Req::get("/y/1")).await;
+    hit(&*p, &get("/y/1")).await;
     assert_eq!(p.purge(None), 1);
     assert_eq!(p.purge(None), 0);
 }
@@ -412,7 +431,7 @@ fn spawn_many(
             tokio::spawn(async move {
                 let mut c = ctx();
                 c.request_id = format!("w{i}");
-                let (f, _) = request(&*p, &Req::get(&path), &mut c).await;
+                let (f, _) = request(&*p, &get(&path), &mut c).await;
                 let label = x_cache(&c);
                 match f {
                     Flow::Respond(r) => (Some(r), label),
@@ -429,7 +448,7 @@ fn spawn_many(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_wait_for_the_leader() {
     let p = cache("cache:");
-    let r = Req::get("/co");
+    let r = get("/co");
     let (f, mut lead) = ask(&*p, &r).await;
     assert!(matches!(f, Flow::Continue));
     let waiters = spawn_many(&p, "/co", 50);
@@ -447,7 +466,7 @@ async fn concurrent_misses_wait_for_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn uncacheable_leader_lets_waiters_go() {
     let p = cache("cache:");
-    let r = Req::get("/un");
+    let r = get("/un");
     let (_, mut lead) = ask(&*p, &r).await;
     let waiters = spawn_many(&p, "/un", 20);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -470,12 +489,12 @@ async fn uncacheable_leader_lets_waiters_go() {
 async fn vanished_leader_never_leaves_waiters_hanging() {
     // The leader's body filter is dropped before the end (client gone).
     let p = cache("cache: { lock_timeout: 30s }");
-    let r = Req::get("/gone");
+    let r = get("/gone");
     let (_, mut lead) = ask(&*p, &r).await;
     let w = {
         let p = Arc::clone(&p);
         tokio::spawn(async move {
-            let r = Req::get("/gone");
+            let r = get("/gone");
             let mut c = Box::new(ctx());
             c.request_id = "next".into();
             let t = Instant::now();
@@ -501,7 +520,7 @@ async fn vanished_leader_never_leaves_waiters_hanging() {
     assert_eq!(&rep.unwrap().body[..], b"full");
 
     // A leader that never gets a response (upstream failed): on_log releases.
-    let r = Req::get("/fail");
+    let r = get("/fail");
     let (_, lead) = ask(&*p, &r).await;
     let w = spawn_many(&p, "/fail", 1);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -514,7 +533,7 @@ async fn vanished_leader_never_leaves_waiters_hanging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_give_up_at_lock_timeout() {
     let p = cache("cache: { lock_timeout: 100ms }");
-    let r = Req::get("/slow");
+    let r = get("/slow");
     let (_, _lead) = ask(&*p, &r).await;
     let t = Instant::now();
     let w = spawn_many(&p, "/slow", 1);
@@ -527,7 +546,7 @@ async fn waiters_give_up_at_lock_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate() {
     let p = cache("cache:");
-    let r = Req::get("/swr");
+    let r = get("/swr");
     let h = [("cache-control", "max-age=0, stale-while-revalidate=60")];
     miss_and_fill(&*p, &r, &h, "v1").await;
     // Past its freshness: the first request refreshes it, the others get the stale copy.
@@ -552,19 +571,19 @@ async fn stale_while_revalidate() {
 #[tokio::test]
 async fn conditional_requests_do_not_lead() {
     let p = cache("cache:");
-    let r = Req::get("/cond").header("if-none-match", "\"a\"");
+    let r = get("/cond").header("if-none-match", "\"a\"");
     let (f, mut c) = ask(&*p, &r).await;
     assert!(matches!(f, Flow::Continue));
     // A 304 is not stored; nobody was waiting on it.
     assert!(!upstream(&*p, &r, &mut c, 304, &[], &[]));
-    let (f, _) = ask(&*p, &Req::get("/cond")).await;
+    let (f, _) = ask(&*p, &get("/cond")).await;
     assert!(matches!(f, Flow::Continue));
 }
 
 #[tokio::test]
 async fn age_counts_from_arrival() {
     let p = cache("cache:");
-    let r = Req::get("/age");
+    let r = get("/age");
     miss_and_fill(
         &*p,
         &r,
