@@ -384,6 +384,9 @@ struct Failure {
     timeout: bool,
 }
 
+/// A finished call: (index, start, result, endpoint).
+type Finished = (usize, Instant, Result<(u16, Bytes), Failure>, String);
+
 struct Prepared {
     req: RequestHeader,
     body: Option<Bytes>,
@@ -764,8 +767,7 @@ pub async fn execute(rt: &Runtime, env: Env<'_>, gw: Arc<crate::gateway::Gateway
     let mut logs: Vec<CallLog> = vec![];
     // 0 pending, 1 running, 2 ok, 3 failed
     let mut state = vec![0u8; n];
-    let mut set: tokio::task::JoinSet<(usize, Instant, Result<(u16, Bytes), Failure>, String)> =
-        tokio::task::JoinSet::new();
+    let mut set: tokio::task::JoinSet<Finished> = tokio::task::JoinSet::new();
     let mut running = 0usize;
     let metrics = &gw.metrics;
     let finish = |i: usize,
