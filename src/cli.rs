@@ -21,6 +21,17 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Registry change -> routing at scale.
+    Registry {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 10000)]
+        instances: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the gateway.
     Run {
@@ -43,6 +54,11 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Micro-benchmarks of Portico's own machinery (see bench/README.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
     },
     /// (internal) Supervises one orchestrated replica; see orchestrator/shim.rs.
     #[command(hide = true)]
@@ -97,6 +113,13 @@ pub fn main() -> i32 {
             headers,
             json,
         } => routes(&cfg_path, &method, &url, &headers, json),
+        Cmd::Bench {
+            what:
+                BenchCmd::Registry {
+                    services,
+                    instances,
+                },
+        } => crate::benchcmd::registry(services, instances),
         Cmd::ReplicaShim { grace_ms, cmd } => {
             crate::orchestrator::shim::run(&cmd, std::time::Duration::from_millis(grace_ms))
         }

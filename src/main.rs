@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod accesslog;
 mod admin;
 mod aggregate;
+mod benchcmd;
 mod cli;
 mod config;
 mod demo_backend;
