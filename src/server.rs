@@ -215,7 +215,7 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
     let mut addrs = vec![];
     let mut watched_certs = vec![];
     for l in &cfg.listeners {
-        let edge = match crate::proxy::ListenerRt::new(l) {
+        let edge = match crate::proxy::ListenerRt::new(l, &cfg.listeners) {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("{}: listener {}: {e}", path.display(), l.name);

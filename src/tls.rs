@@ -228,12 +228,33 @@ impl TlsAccept for Callbacks {
             .filter_map(|e| {
                 let key = e.object().nid().short_name().ok()?;
                 let val = e.data().to_string().ok()?;
-                Some(format!("{key}={val}"))
+                Some(format!("{key}={}", escape_dn_value(&val)))
             })
             .collect::<Vec<_>>()
             .join(",");
         Some(Arc::new(ClientCert { subject }))
     }
+}
+
+/// RFC 4514 escaping of an attribute value, so a CN like `a,O=Admins` cannot pose as
+/// another attribute.
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let n = v.chars().count();
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i + 1 == n && c == ' ');
+        if special {
+            out.push('\\');
+            out.push(c);
+        } else if c.is_control() {
+            out.push_str(&format!("\\{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 const CIPHERS_TLS12: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\

@@ -49,6 +49,9 @@ enum Refusal {
     Status(u16, &'static str, &'static str),
 }
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`
+const H2_PREFACE_LEN: usize = 24;
+
 fn find_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
@@ -102,9 +105,20 @@ async fn first_header(
     let deadline = Instant::now() + limits.header_timeout;
     let mut chunk = [0u8; 4096];
     loop {
-        if buf.starts_with(b"PRI ") {
-            // HTTP/2 with prior knowledge: Pingora handles it from here.
+        if buf.starts_with(b"PRI ") && buf.len() >= H2_PREFACE_LEN {
+            // HTTP/2 with prior knowledge, preface complete: Pingora handles it from here.
             return Ok(());
+        }
+        if buf.starts_with(b"PRI ") {
+            // The rest of the h2c preface must arrive within the header timeout too.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                _ => return Err(Refusal::Close),
+            }
         }
         let line_end = buf.windows(2).position(|w| w == b"\r\n");
         if line_end.map_or(buf.len(), |p| p) > limits.max_request_line {

@@ -32,15 +32,32 @@ pub struct ListenerRt {
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
     pub hsts: Option<http::HeaderValue>,
-    /// Header that carries the verified client certificate subject upstream.
+    /// Header that carries the verified client certificate subject upstream (on
+    /// listeners that verify client certificates).
     pub subject_header: Option<http::HeaderName>,
+    /// Subject headers of every listener: removed from what clients send, everywhere.
+    pub strip_headers: Vec<http::HeaderName>,
     /// Redirect every request to HTTPS on this port.
     pub redirect_https: Option<u16>,
 }
 
 impl ListenerRt {
     /// Compiles a listener's edge settings.
-    pub fn new(l: &crate::config::model::Listener) -> std::result::Result<ListenerRt, String> {
+    pub fn new(
+        l: &crate::config::model::Listener,
+        all: &[crate::config::model::Listener],
+    ) -> std::result::Result<ListenerRt, String> {
+        let mut strip: Vec<http::HeaderName> =
+            vec![http::HeaderName::from_static("x-client-cert-subject")];
+        for other in all {
+            if let Some(t) = &other.tls {
+                if let Ok(h) = http::HeaderName::from_bytes(t.client_subject_header.as_bytes()) {
+                    if !strip.contains(&h) {
+                        strip.push(h);
+                    }
+                }
+            }
+        }
         use crate::config::model::RedirectHttps;
         let tls = l.tls.as_ref();
         let hsts = tls.and_then(|t| t.hsts.as_ref()).map(|h| {
@@ -66,6 +83,7 @@ impl ListenerRt {
                 ),
                 None => None,
             },
+            strip_headers: strip,
             redirect_https: match &l.redirect_https {
                 Some(RedirectHttps::Flag(true)) => Some(443),
                 Some(RedirectHttps::Port { port }) => Some(*port),
@@ -230,6 +248,9 @@ pub fn build_peer(
         }
         None => HttpPeer::new(ep.addr, false, String::new()),
     };
+    // Connections are pooled per upstream: two upstreams on one address with
+    // different TLS settings (CA, client certificate) never share a connection.
+    peer.group_key = crate::upstream::balance::hash64(up.name.as_bytes());
     if up.http_version.0 == 2 {
         peer.options.set_http_version(2, 2);
         peer.options.max_h2_streams = 100;
@@ -607,18 +628,42 @@ impl ProxyHttp for Proxy {
         };
         if self.gw.draining.load(Ordering::Relaxed) {
             session.set_keepalive(None);
-        } else {
+        } else if session.get_keepalive().is_some() {
+            // Only where the client keeps the connection (not HTTP/1.0 without keep-alive).
             session.set_keepalive(Some(self.keepalive_secs));
         }
         ctx.client_ip = client_ip(session, &snap);
         if let Some(port) = self.edge.redirect_https {
             let req = session.req_header();
-            let host = req
+            let authority = req
                 .headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .map(crate::router::normalize_host)
-                .unwrap_or_default();
+                .or_else(|| req.uri.authority().map(|a| a.as_str()))
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .filter(|a| {
+                    !a.host().is_empty()
+                        && a.as_str()
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+                });
+            let Some(authority) = authority else {
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        400,
+                        "bad_request",
+                        "a redirect to HTTPS needs a valid Host header",
+                    )
+                    .await;
+            };
+            let host = authority.host().to_ascii_lowercase();
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
             let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             let loc = if port == 443 {
                 format!("https://{host}{pq}")
@@ -1230,9 +1275,11 @@ impl ProxyHttp for Proxy {
         };
         req.insert_header("forwarded", fwd)?;
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(h) = &self.edge.subject_header {
-            // Only the gateway says who the client certificate belongs to.
+        // Only the gateway says who a client certificate belongs to.
+        for h in &self.edge.strip_headers {
             req.remove_header(h);
+        }
+        if let Some(h) = &self.edge.subject_header {
             let subject = session
                 .digest()
                 .and_then(|d| d.ssl_digest.as_ref())

@@ -90,7 +90,15 @@ pub async fn grpc_error(
     if !session.is_http2() {
         resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
     }
-    session.write_response_header(Box::new(resp), true).await
+    // As a task with end-of-stream set, so HTTP/2 sends HEADERS with END_STREAM (a
+    // trailers-only response), which gRPC clients require.
+    session
+        .write_response_tasks(vec![pingora::protocols::http::HttpTask::Header(
+            Box::new(resp),
+            true,
+        )])
+        .await
+        .map(|_| ())
 }
 
 /// Writes a gateway error: JSON, or a gRPC error for gRPC calls.
