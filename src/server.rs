@@ -251,8 +251,15 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
         };
-        let mut proxy =
-            pingora::services::listening::Service::new(format!("portico {}", l.name), edge_app);
+        let mut listeners = pingora::listeners::Listeners::new();
+        listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline(
+            cfg.server.header_timeout.0,
+        )));
+        let mut proxy = pingora::services::listening::Service::with_listeners(
+            format!("portico {}", l.name),
+            listeners,
+            edge_app,
+        );
         let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4);
         if let Some(t) = &l.tls {
             match crate::tls::settings(&l.name, t, l.http2) {

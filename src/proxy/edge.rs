@@ -238,6 +238,50 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
     }
 }
 
+/// Before a TLS handshake: the ClientHello must arrive within the header timeout, so
+/// connections that never start (or trickle) a handshake are closed, not held.
+pub struct HelloDeadline(pub Duration);
+
+#[async_trait]
+impl pingora::listeners::PreTlsProcess for HelloDeadline {
+    async fn process(&self, s: &mut L4Stream) -> pingora::Result<()> {
+        let deadline = Instant::now() + self.0;
+        let mut buf: Vec<u8> = Vec::with_capacity(512);
+        let mut chunk = [0u8; 2048];
+        loop {
+            if buf.len() >= 5 {
+                // A TLS record: type 0x16 (handshake), then version, then the length.
+                let need = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+                if buf[0] != 0x16 || buf.len() >= need {
+                    break;
+                }
+            }
+            if buf.len() > 20_000 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = tokio::time::timeout(left, s.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {
+                    return pingora::Error::e_explain(
+                        pingora::ErrorType::ConnectionClosed,
+                        "closed before the TLS handshake",
+                    )
+                }
+                Err(_) => {
+                    return pingora::Error::e_explain(
+                        pingora::ErrorType::ReadTimedout,
+                        "no TLS ClientHello within the header timeout",
+                    )
+                }
+            }
+        }
+        s.rewind(&buf);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

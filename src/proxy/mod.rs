@@ -1210,6 +1210,32 @@ impl ProxyHttp for Proxy {
                 }
             }
         }
+        // An HTTP/2 upstream needs `:authority`: take it from Host when the URI has none.
+        if ctx.upstream.as_ref().is_some_and(|u| u.http_version.0 == 2)
+            && req.uri.authority().is_none()
+        {
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| ctx.last_endpoint.as_ref().map(|e| e.label.clone()))
+                .unwrap_or_else(|| "localhost".into());
+            let scheme = if ctx.upstream.as_ref().is_some_and(|u| u.tls.is_some()) {
+                "https"
+            } else {
+                "http"
+            };
+            let pq = req
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            if let Ok(uri) = format!("{scheme}://{host}{pq}").parse::<http::Uri>() {
+                req.set_uri(uri);
+            }
+        }
         // Forwarding headers. What a client says about earlier hops is kept only when
         // that client is a trusted proxy; anyone else could forge it.
         let peer = session
@@ -1445,6 +1471,21 @@ impl ProxyHttp for Proxy {
             | ErrorType::H2Error
             | ErrorType::InvalidH2 => (400, "bad_request", "malformed request"),
             _ => (500, "internal", "internal gateway error"),
+        };
+        // Whatever the transport reported, a request past its deadline timed out.
+        let (status, code, msg) = if status != 0
+            && ctx.last_endpoint.is_some()
+            && ctx
+                .deadline
+                .is_some_and(|d| Instant::now() + std::time::Duration::from_millis(5) >= d)
+        {
+            (
+                504,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            )
+        } else {
+            (status, code, msg)
         };
         ctx.error_code = Some(code);
         let written = session.response_written().is_some();
