@@ -209,7 +209,7 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
     // One proxy service per listener: each has its own scheme, TLS acceptor and edge
     // settings. Listeners with `http2: true` speak h2 (ALPN on TLS, h2c on plain).
     let l4 = L4BufferSettings {
-        read: Some(16 * 1024),
+        read: Some(4 * 1024),
         write: None,
     };
     let mut addrs = vec![];

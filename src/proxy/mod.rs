@@ -195,8 +195,24 @@ fn valid_request_id(v: &[u8]) -> bool {
 }
 
 /// 32 hex characters of randomness.
+/// A fast thread-local random u64 (xorshift; ids, not secrets).
+fn rand64() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static S: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+    }
+    S.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
 fn new_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    format!("{:016x}{:016x}", rand64(), rand64())
 }
 
 /// W3C traceparent: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, not all zero.
@@ -224,9 +240,10 @@ fn valid_traceparent(v: &[u8]) -> bool {
 
 fn new_traceparent() -> String {
     format!(
-        "00-{:032x}-{:016x}-01",
-        rand::random::<u128>() | 1,
-        rand::random::<u64>() | 1
+        "00-{:016x}{:016x}-{:016x}-01",
+        rand64(),
+        rand64() | 1,
+        rand64() | 1
     )
 }
 
@@ -551,6 +568,9 @@ impl Proxy {
 }
 
 fn upstream_path(route: &Route, path: &str, query: Option<&str>) -> Option<String> {
+    if route.strip_prefix.is_none() && route.rewrite.is_none() {
+        return None;
+    }
     let mut p: String = path.to_string();
     if let Some(prefix) = &route.strip_prefix {
         if let Some(rest) = p.strip_prefix(prefix.as_str()) {
@@ -1532,10 +1552,7 @@ impl ProxyHttp for Proxy {
         let m = &self.gw.metrics;
         let req = session.req_header();
         let method = crate::metrics::method_label(&req.method);
-        let mut sbuf = itoa_status(status);
-        m.requests
-            .with_label_values(&[route_name, method, sbuf.as_str()])
-            .inc();
+        count_request(m, route_name, method, status);
         match &ctx.route {
             Some(r) => r.duration.observe(elapsed.as_secs_f64()),
             None => m
@@ -1613,12 +1630,37 @@ impl ProxyHttp for Proxy {
             l.push('}');
             self.gw.access_log.write(l);
         }
-        sbuf.clear();
     }
 }
 
-fn itoa_status(s: u16) -> String {
-    s.to_string()
+/// `portico_requests_total` through a per-thread cache of counter handles, so the
+/// request path skips the registry's label hashing and lock. Keyed by the address of
+/// the route's name (checked against the name, so a reused address is harmless).
+fn count_request(m: &crate::metrics::Metrics, route: &str, method: &'static str, status: u16) {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    type Key = (usize, &'static str, u16);
+    thread_local! {
+        static CACHE: RefCell<HashMap<Key, (Box<str>, prometheus::IntCounter)>> = RefCell::new(HashMap::new());
+    }
+    let key = (route.as_ptr() as usize, method, status);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((name, counter)) = c.get(&key) {
+            if &**name == route {
+                counter.inc();
+                return;
+            }
+        }
+        let counter = m
+            .requests
+            .with_label_values(&[route, method, &status.to_string()]);
+        counter.inc();
+        if c.len() >= 10_000 {
+            c.clear();
+        }
+        c.insert(key, (route.into(), counter));
+    });
 }
 
 #[cfg(test)]
