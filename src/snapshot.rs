@@ -139,6 +139,8 @@ pub struct Route {
     /// Total time for the upstream to answer, across retries.
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// (delay, largest buffered answer) for hedged requests.
+    pub hedge: Option<(Duration, usize)>,
     pub request_headers: HeaderEdit,
     pub response_headers: HeaderEdit,
     /// Global plugins first, then the route's own, in written order.
@@ -320,6 +322,7 @@ pub fn compile(
                 rewrite,
                 timeout: r.timeout.map(|d| d.0),
                 retry: r.retries.as_ref().map(RetryPolicy::compile),
+                hedge: r.hedge.as_ref().map(|h| (h.delay.0, h.max_body.0 as usize)),
                 request_headers: HeaderEdit::compile(&headers.request),
                 response_headers: HeaderEdit::compile(&headers.response),
                 plugins,

@@ -477,25 +477,27 @@ fn prepare(
     Ok(Prepared { req, body })
 }
 
-enum TryError {
+/// How one upstream try failed.
+pub(crate) enum TryError {
     Connect(String),
     Timeout,
     Reset(String),
     TooLarge,
 }
 
-async fn one_try(
+/// One request over Pingora's connector, the answer read whole (up to `max` bytes).
+pub(crate) async fn one_try(
     connector: &Connector,
     peer: &pingora::upstreams::peer::HttpPeer,
     req: &RequestHeader,
     body: &Option<Bytes>,
     max: usize,
-) -> Result<(u16, Bytes), TryError> {
+) -> Result<(Box<pingora::http::ResponseHeader>, Bytes), TryError> {
     let (mut s, _reused) = connector
         .get_http_session(peer)
         .await
         .map_err(|e| TryError::Connect(e.to_string()))?;
-    let res: Result<(u16, Bytes), TryError> = async {
+    let res: Result<(Box<pingora::http::ResponseHeader>, Bytes), TryError> = async {
         let io = |e: Box<pingora::Error>| match e.etype() {
             pingora::ErrorType::ReadTimedout | pingora::ErrorType::WriteTimedout => {
                 TryError::Timeout
@@ -510,10 +512,11 @@ async fn one_try(
         }
         s.finish_request_body().await.map_err(io)?;
         s.read_response_header().await.map_err(io)?;
-        let status = s
-            .response_header()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(502);
+        let head = Box::new(
+            s.response_header()
+                .cloned()
+                .ok_or_else(|| TryError::Reset("no response header".into()))?,
+        );
         let mut buf = BytesMut::new();
         while let Some(chunk) = s.read_response_body().await.map_err(io)? {
             if buf.len() + chunk.len() > max {
@@ -521,7 +524,7 @@ async fn one_try(
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok((status, buf.freeze()))
+        Ok((head, buf.freeze()))
     }
     .await;
     if res.is_ok() {
@@ -616,7 +619,8 @@ async fn run_call(
         ep.inflight.fetch_sub(1, Ordering::Relaxed);
         up.inflight.fetch_sub(1, Ordering::Relaxed);
         let (outcome, kind, failure) = match r {
-            Ok(Ok((status, body))) => {
+            Ok(Ok((head, body))) => {
+                let status = head.status.as_u16();
                 let failed = status >= 500;
                 up.record_result(&ep, !failed);
                 count(&gw, up, &ep, if failed { "http_5xx" } else { "ok" });

@@ -477,6 +477,9 @@ pub struct Route {
     pub timeout: Option<Dur>,
     #[serde(default)]
     pub retries: Option<Retries>,
+    /// Hedged requests for idempotent, bodiless requests.
+    #[serde(default)]
+    pub hedge: Option<Hedge>,
     #[serde(default)]
     pub headers: Option<HeaderRules>,
     #[serde(default)]
@@ -1020,4 +1023,19 @@ pub struct AggregateCall {
 pub enum Select {
     Pointer(String),
     Fields(Vec<String>),
+}
+
+/// Hedging: a second try to another endpoint when the first is slow.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hedge {
+    /// Wait this long for the first answer before sending the second try.
+    pub delay: Dur,
+    /// Largest answer a hedged request buffers (bigger answers fail with 502).
+    #[serde(default = "default_hedge_max")]
+    pub max_body: Size,
+}
+
+fn default_hedge_max() -> Size {
+    Size(4 << 20)
 }

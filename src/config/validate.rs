@@ -550,6 +550,12 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
             }
         }
     }
+    if r.hedge.is_some() && r.upstream.is_none() && r.split.is_none() {
+        errs.at(
+            &format!("{p}.hedge"),
+            "hedging applies to `upstream` and `split` routes",
+        );
+    }
     if let Some(rt) = &r.retries {
         for (j, on) in rt.on.iter().enumerate() {
             let ok = matches!(on.as_str(), "connect_failure" | "reset" | "timeout")

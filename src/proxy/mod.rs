@@ -5,6 +5,7 @@
 //! forwarding rules and the route's edits; `logging` records metrics and the access log.
 
 pub mod edge;
+pub mod hedge;
 pub mod respond;
 pub mod static_files;
 
@@ -404,6 +405,53 @@ impl Proxy {
             }
             None => Pick::NoEndpoint,
         }
+    }
+
+    /// Serves a request through the hedged race (see hedge.rs).
+    async fn hedged(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        delay: std::time::Duration,
+        max: usize,
+    ) -> Result<bool> {
+        let (Some(up), Some(first)) = (ctx.upstream.clone(), ctx.endpoint) else {
+            return Ok(false);
+        };
+        let mut req = session.req_header().clone();
+        self.upstream_request_filter(session, &mut req, ctx).await?;
+        ctx.release_endpoint();
+        let timeout = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match hedge::run(&self.gw, &up, first, &req, delay, max, timeout).await {
+            hedge::Outcome::Answer(mut head, body, ep) => {
+                ctx.last_endpoint = Some(ep);
+                ctx.upstream_counted = true;
+                self.upstream_response_filter(session, &mut head, ctx)
+                    .await?;
+                head.remove_header(&http::header::TRANSFER_ENCODING);
+                head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                self.response_filter(session, &mut head, ctx).await?;
+                ctx.own_status = Some(head.status.as_u16());
+                let head_only =
+                    session.req_header().method == http::Method::HEAD || body.is_empty();
+                session.write_response_header(head, head_only).await?;
+                if !head_only {
+                    let mut b = Some(body);
+                    for f in ctx.body_filters.iter_mut() {
+                        b = f.filter(b.take(), true);
+                    }
+                    session.write_response_body(b, true).await?;
+                }
+            }
+            hedge::Outcome::Failed(status, code, msg) => {
+                ctx.own_status = Some(status);
+                ctx.error_code = Some(code);
+                respond::error(session, status, code, &msg, &ctx.request_id).await?;
+            }
+        }
+        Ok(true)
     }
 
     /// An upstream discovered from a service scaled to zero: ask the orchestrator for
@@ -971,6 +1019,21 @@ impl ProxyHttp for Proxy {
         }
         if let Some(up) = &ctx.upstream {
             up.budget.deposit();
+        }
+        if let Some((delay, max)) = route.hedge {
+            let req = session.req_header();
+            let idempotent = matches!(
+                req.method,
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            );
+            let bodiless = !req.headers.contains_key(http::header::TRANSFER_ENCODING)
+                && req
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_none_or(|v| v.as_bytes() == b"0");
+            if idempotent && bodiless && !session.is_upgrade_req() {
+                return self.hedged(session, ctx, delay, max).await;
+            }
         }
         // The request is routed and an endpoint is ready: invite the body now, as the
         // upstream will only see the request once the gateway starts forwarding it.

@@ -174,3 +174,28 @@ def test_outlier_is_ejected(procs):
     statuses = _hammer(gw.port, [f"/after/{i}" for i in range(60)], workers=2)
     assert all(s == 200 for s in statuses)
     assert _stats(good[2]) == before, "the ejected endpoint still received traffic"
+
+
+def test_hedging_answers_from_the_fast_endpoint(procs):
+    slow, fast = procs.backends("hslow", "hfast")
+    gw = procs.gateway({
+        "upstreams": {"app": {"endpoints": [slow.address, fast.address], "balance": "round_robin",
+                              "retry_budget": {"ratio": 1.0, "min_per_second": 100}}},
+        "routes": [{"name": "app", "match": {"path_prefix": "/"}, "upstream": "app", "timeout": "5s",
+                    "hedge": {"delay": "50ms"}}],
+    })
+    _mode(slow, "hang")
+    times = []
+    for i in range(20):
+        t0 = time.monotonic()
+        r = gw.get(f"/h/{i}")
+        times.append(time.monotonic() - t0)
+        assert r.status == 200, r
+        assert r.header("x-served-by") == fast.served_by, r.header("x-served-by")
+    assert max(times) < 1.0, f"hedged requests took up to {max(times):.2f}s"
+    hedges = metric_sum(gw.metrics(), "portico_upstream_requests_total", upstream="app", outcome="hedge")
+    assert hedges >= 5, f"about half the requests should have been hedged, counted {hedges}"
+    # POST is never hedged: it waits for the hanging endpoint or the fast one, never both.
+    before = _stats(slow) + _stats(fast)
+    r = http_request(gw.port, "POST", "/once", body=b"x", timeout=10)
+    assert _stats(slow) + _stats(fast) - before == 1
