@@ -222,10 +222,12 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
                 return 1;
             }
         };
+        let first_header = Arc::new(crate::proxy::edge::FirstHeaderWatch::default());
         let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             Proxy {
                 gw: Arc::clone(&gw),
+                first_header: Arc::clone(&first_header),
                 edge: Arc::new(edge),
                 keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
             },
@@ -250,6 +252,7 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
             },
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
+            first_header,
         };
         let mut listeners = pingora::listeners::Listeners::new();
         listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline(

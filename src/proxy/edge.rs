@@ -32,6 +32,50 @@ pub struct Edge<A> {
     pub limits: EdgeLimits,
     pub open: AtomicUsize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// TLS HTTP/1 connections still waiting for their first request header.
+    pub first_header: Arc<FirstHeaderWatch>,
+}
+
+/// Connections (by socket) that must deliver a first request header before a deadline.
+/// The edge arms an entry when a TLS HTTP/1 connection starts (the header is read
+/// inside Pingora, behind TLS, so the edge cannot read it itself); the proxy disarms it
+/// when the header arrived; a timer shuts the socket down if it is still armed.
+#[derive(Default)]
+pub struct FirstHeaderWatch {
+    pending: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
+    armed: AtomicUsize,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl FirstHeaderWatch {
+    fn arm(&self, fd: i32) -> u64 {
+        let g = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(fd, g);
+            self.armed.store(p.len(), Ordering::Relaxed);
+        }
+        g
+    }
+
+    /// Removes `fd` (any generation when `gen` is None); true if it was armed.
+    fn take(&self, fd: i32, gen: Option<u64>) -> bool {
+        let Ok(mut p) = self.pending.lock() else {
+            return false;
+        };
+        let hit = p.get(&fd).is_some_and(|g| gen.is_none_or(|x| x == *g));
+        if hit {
+            p.remove(&fd);
+            self.armed.store(p.len(), Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// The first request header of the connection on `fd` arrived.
+    pub fn header_arrived(&self, fd: i32) {
+        if self.armed.load(Ordering::Relaxed) > 0 {
+            self.take(fd, None);
+        }
+    }
 }
 
 struct OpenGuard<'a>(&'a AtomicUsize);
@@ -197,7 +241,32 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         }
         let plain = stream.get_ssl_digest().is_none() && stream.as_any().is::<L4Stream>();
         if !plain {
-            return self.inner.process_new(stream, shutdown).await;
+            let h2 = matches!(
+                stream.selected_alpn_proto(),
+                Some(pingora::protocols::ALPN::H2)
+            );
+            if h2 || stream.get_ssl_digest().is_none() {
+                return self.inner.process_new(stream, shutdown).await;
+            }
+            // TLS HTTP/1: the first header must arrive within the header timeout.
+            let fd = stream.id();
+            let gen = self.first_header.arm(fd);
+            let watch = Arc::clone(&self.first_header);
+            let limit = self.limits.header_timeout;
+            let timer = tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                if watch.take(fd, Some(gen)) {
+                    // SAFETY: the socket still belongs to this connection (the entry of
+                    // its generation was armed); shutdown(2) makes Pingora's read fail.
+                    unsafe {
+                        libc::shutdown(fd, libc::SHUT_RDWR);
+                    }
+                }
+            });
+            let r = self.inner.process_new(stream, shutdown).await;
+            self.first_header.take(fd, Some(gen));
+            timer.abort();
+            return r;
         }
         let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
             return None; // checked above

@@ -127,6 +127,8 @@ impl pingora::modules::http::HttpModuleBuilder for HstsBuilder {
 /// The proxy service of one listener.
 pub struct Proxy {
     pub gw: Arc<Gateway>,
+    /// Disarmed when a TLS connection's first header arrives (see edge.rs).
+    pub first_header: Arc<edge::FirstHeaderWatch>,
     pub edge: Arc<ListenerRt>,
     /// Idle keep-alive timeout for client connections, in seconds.
     pub keepalive_secs: u64,
@@ -687,6 +689,11 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.edge.scheme == "https" {
+            if let Some(s) = session.as_downstream().stream() {
+                self.first_header.header_arrived(s.id());
+            }
+        }
         let snap = Arc::clone(&ctx.snap);
         ctx.request_id = match session.req_header().headers.get("x-request-id") {
             Some(v) if valid_request_id(v.as_bytes()) => {

@@ -236,7 +236,6 @@ def _slowloris_other_listener(procs, tmp_path, mode: str, n: int):
     assert gw.alive()
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: after the TLS handshake only Pingora's per-read timeout applies (docs/tls.md)")
 def test_slowloris_on_tls_listener(procs, tmp_path):
     """TLS handshake done, then one header byte per second."""
     _slowloris_other_listener(procs, tmp_path, "tls", 50)
