@@ -25,7 +25,8 @@
 # Environment overrides: BENCH_SAT_SECS, BENCH_RATE_SECS, BENCH_WARMUP_SECS,
 #   BENCH_RATES ("5000 15000"), BENCH_CONNS (50), BENCH_IDLE_CONNS (5000),
 #   BENCH_WORK (work dir, default /tmp/portico-bench), BENCH_KEEP_WORK=1,
-#   BENCH_NGINX_ACCESS_LOG=off, BENCH_PORTICO_BIN (default target/release/portico).
+#   BENCH_NGINX_ACCESS_LOG=off, BENCH_PORTICO_BIN (default target/release/portico),
+#   BENCH_RETRIES (1), BENCH_FOREIGN_MAX (0.05).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -542,6 +543,7 @@ $PY "$BENCH/summarize.py" meta "$WORK/meta.json" \
     "params.warmup_secs=$WARMUP_SECS" "params.idle_connections=$IDLE_CONNS" \
     "params.proxy_core=$PROXY_CORE" "params.load_core=$LOAD_CORE" \
     "params.nginx_access_log=${BENCH_NGINX_ACCESS_LOG:-on}" \
+    "binaries.portico_path=$PORTICO_BIN" \
     "binaries.portico_mtime=$(stat -c %y "$PORTICO_BIN" 2>/dev/null || echo missing)" \
     "binaries.bare_pingora_mtime=$(stat -c %y "$BARE_BIN" 2>/dev/null || echo missing)" \
     "${status_args[@]}"

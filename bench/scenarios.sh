@@ -288,6 +288,9 @@ r = {}
 for a in sys.argv[1:]:
     r.update(json.loads(a))
 n = r.get("requests") if r.get("requests") is not None else r.get("handshakes")
+# s_time prints whole seconds only: handshakes/s over the measured window instead.
+if r.get("handshakes") is not None and r.get("window_s"):
+    r["hs_per_s"] = round(r["handshakes"] / r["window_s"], 1)
 if r.get("cpu_us_per_req") is None and r.get("proxy_cpu_us") is not None and n:
     r["cpu_us_per_req"] = round(r["proxy_cpu_us"] / n, 2)
 # Contended: another load or a build ran, or other processes took > 5 % of core 0.
@@ -558,6 +561,12 @@ verify_http_routes() {
     [[ $(gzip -dc "$WORK/body" 2>/dev/null | wc -c) == 2048 ]] || { check_route json-plugins "the gunzipped body is not the 2 KiB JSON"; ok=1; }
     [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Accept-Encoding: gzip' "$base/json/plugins") == 401 ]] || { check_route json-plugins "no 401 without a token"; ok=1; }
     [[ $(curl -s "${AUTH_H[@]}" "$base/json/plain" | wc -c) == 2048 ]] || { check_route json-plain "not the 2 KiB JSON, uncompressed"; ok=1; }
+    [[ $(curl -s "${AUTH_H[@]}" "$base/json/jwt" | wc -c) == 2048 ]] || { check_route json-jwt "no 2 KiB JSON with the token"; ok=1; }
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "$base/json/jwt") == 401 ]] || { check_route json-jwt "no 401 without a token"; ok=1; }
+    h=$(curl -s -D - -o /dev/null "${AUTH_H[@]}" "$base/json/ratelimit")
+    [[ ${h,,} == *"ratelimit-limit: 1000000"* ]] || { check_route json-ratelimit "no RateLimit-Limit: 1000000 header: $h"; ok=1; }
+    h=$(curl -s -D - -o /dev/null "${AUTH_H[@]}" "$base/json/compression")
+    [[ ${h,,} == *"content-encoding: gzip"* ]] || { check_route json-compression "not gzipped: $h"; ok=1; }
     curl -s -o /dev/null "$base/cacheable/hit"
     h=$(curl -s -D - -o /dev/null "$base/cacheable/hit")
     [[ ${h,,} == *"x-cache: hit"* ]] || { check_route cacheable-hit "the second request is not a HIT: $h"; ok=1; }
@@ -588,7 +597,7 @@ scenarios_http() {
     # url_of VARIANT — the path each variant requests.
     url_of() {
         case $1 in
-            json-plain) echo "$base/json/plain" ;; json-plugins) echo "$base/json/plugins" ;;
+            json-*) echo "$base/json/${1#json-}" ;;
             cacheable-proxied) echo "$base/cacheable/proxied" ;; cacheable-hit) echo "$base/cacheable/hit" ;;
             plain) echo "$base/" ;; resilient) echo "$base/resilient" ;;
             single) echo "$base/agg/a" ;; aggregate) echo "$base/agg3" ;;
@@ -599,6 +608,8 @@ scenarios_http() {
         log "-- scenario 2 (plugins), round $ROUND"
         for v in $(pair json-plain json-plugins); do test_wrk plugins "$v" "$(url_of "$v")" "${AUTH_H[@]}"; done
         for v in $(pair json-plain json-plugins); do test_h2load_rate plugins "$v" "$(url_of "$v")" "$RATE" "${AUTH_H[@]}"; done
+        # Where the cost is: each plugin alone, fixed rate only.
+        for v in json-jwt json-ratelimit json-compression; do test_h2load_rate plugins "$v" "$(url_of "$v")" "$RATE" "${AUTH_H[@]}"; done
     fi
     if want cache; then
         log "-- scenario 3 (cache, resilience), round $ROUND"
@@ -629,7 +640,7 @@ stop "$BACKEND_PID" TERM
 
 # ------------------------------------------------------------------ report
 
-$PY - "$WORK/meta.json" <<EOF
+$PY - "$WORK/meta.json" "$JWT_JSON" <<EOF
 import json, sys
 meta = {
     "stamp": "$STAMP",
@@ -648,7 +659,7 @@ meta = {
     "tools": {"nginx": "$(nginx -v 2>&1 | sed 's/.*: //')", "haproxy": "$(haproxy -v 2>/dev/null | head -1 | awk '{ print $3 }')",
               "openssl": "$(openssl version | awk '{ print $2 }')", "wrk": "$(wrk -v 2>&1 | head -1 | awk '{ print $2 }')",
               "h2load": "$(h2load --version 2>/dev/null | awk '{ print $2 }')"},
-    "jwt_bench": $JWT_JSON,
+    "jwt_bench": json.loads(sys.argv[2]),
 }
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF

@@ -159,9 +159,15 @@ def report(jsonl, meta_path, outdir):
                 f"{fmt(m(f'p50_{k}', p))} / {fmt(m(f'p99_{k}', p))}",
             ]
         mem = m("mem_kib", p)
-        cells += [fmt(mem, 1), ratio(mem, m("mem_kib", "nginx"))]
+        cells += [fmt(mem, 2 if mem is not None and mem < 10 else 1), ratio(mem, m("mem_kib", "nginx"))]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if status.get("portico") == "ok" and status.get("bare-pingora") == "ok":
+        parts = [f"saturation {ratio(m('sat_rps', 'portico'), m('sat_rps', 'bare-pingora'))}"]
+        for k in rates:
+            parts.append(f"CPU/req @{k} {ratio(m(f'cpu_{k}', 'portico'), m(f'cpu_{k}', 'bare-pingora'))}")
+        parts.append(f"memory/conn {ratio(m('mem_kib', 'portico'), m('mem_kib', 'bare-pingora'))}")
+        notes.append("Portico ÷ bare-pingora (medians): " + ", ".join(parts) + ".")
     if tainted:
         notes.append("\\* some of this proxy's numbers were measured while a build ran on the machine (contended).")
     if dropped:

@@ -1,17 +1,27 @@
-//! The access log: one JSON line per request. Lines are formatted on the request's
-//! thread and handed to one writer thread over a bounded channel, which writes them
-//! through a buffer and flushes whenever it runs out of work. When the writer cannot
-//! keep up, lines are dropped and counted rather than slowing requests down.
+//! The access log: one JSON line per request. Request threads append their line to a
+//! shared in-memory buffer (a short, uncontended lock; no syscall, no thread wake-up per
+//! request); one writer thread swaps the buffer out every 50 ms, or sooner when it grows
+//! past 256 KiB, and writes it in one go. If the writer cannot keep up, the buffer is
+//! capped and lines beyond it are dropped and counted rather than slowing requests.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+const WAKE_AT: usize = 256 * 1024;
+const CAP: usize = 64 * 1024 * 1024;
+
+struct Shared {
+    buf: Mutex<Vec<u8>>,
+    wake: Condvar,
+    out: Mutex<Box<dyn Write + Send>>,
+}
 
 /// A handle to the access log (cheap to clone).
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<String>>,
+    shared: Option<Arc<Shared>>,
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -21,7 +31,7 @@ impl AccessLog {
         let out: Box<dyn Write + Send> = match path {
             "off" => {
                 return Ok(AccessLog {
-                    tx: None,
+                    shared: None,
                     dropped: Arc::default(),
                 })
             }
@@ -34,57 +44,66 @@ impl AccessLog {
                     .open(p)?,
             ),
         };
-        let (tx, rx) = sync_channel::<String>(65536);
+        let shared = Arc::new(Shared {
+            buf: Mutex::new(Vec::with_capacity(64 * 1024)),
+            wake: Condvar::new(),
+            out: Mutex::new(out),
+        });
+        let s = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(rx, out))?;
+            .spawn(move || loop {
+                let batch = {
+                    let g = s.buf.lock().unwrap_or_else(|e| e.into_inner());
+                    let (mut g, _) = s
+                        .wake
+                        .wait_timeout(g, Duration::from_millis(50))
+                        .unwrap_or_else(|e| e.into_inner());
+                    std::mem::take(&mut *g)
+                };
+                write_out(&s, &batch);
+            })?;
         Ok(AccessLog {
-            tx: Some(tx),
+            shared: Some(shared),
             dropped: Arc::default(),
         })
     }
 
     /// Whether lines are written at all.
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.shared.is_some()
     }
 
     /// Queues one line (without the newline).
     pub fn write(&self, line: String) {
-        if let Some(tx) = &self.tx {
-            match tx.try_send(line) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let Some(s) = &self.shared else { return };
+        let mut g = s.buf.lock().unwrap_or_else(|e| e.into_inner());
+        if g.len() + line.len() > CAP {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        g.extend_from_slice(line.as_bytes());
+        g.push(b'\n');
+        if g.len() >= WAKE_AT {
+            s.wake.notify_one();
         }
     }
 
-    /// Waits (briefly) until queued lines are written; used at shutdown.
+    /// Writes everything queued so far; used at shutdown.
     pub fn flush(&self) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(String::new());
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Some(s) = &self.shared {
+            let batch = std::mem::take(&mut *s.buf.lock().unwrap_or_else(|e| e.into_inner()));
+            write_out(s, &batch);
         }
     }
 }
 
-fn writer(rx: Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut w = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let mut write = |l: String| {
-            if !l.is_empty() {
-                let _ = w.write_all(l.as_bytes());
-                let _ = w.write_all(b"\n");
-            }
-        };
-        write(line);
-        while let Ok(more) = rx.try_recv() {
-            write(more);
-        }
-        let _ = w.flush();
+fn write_out(s: &Shared, batch: &[u8]) {
+    let mut out = s.out.lock().unwrap_or_else(|e| e.into_inner());
+    if !batch.is_empty() {
+        let _ = out.write_all(batch);
     }
+    let _ = out.flush();
 }
 
 /// Appends `s` as a JSON string literal.

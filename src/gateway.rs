@@ -79,21 +79,31 @@ pub fn static_registry(cfg: &Config) -> Arc<Registry> {
     r
 }
 
-/// RFC 3339 UTC time of now.
+/// RFC 3339 UTC time of now (the date part is computed once a second per thread).
 pub fn now_rfc3339() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = now.as_secs();
-    let (y, mo, d) = civil_from_days((secs / 86400) as i64);
-    let s = secs % 86400;
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60,
-        now.subsec_millis()
-    )
+    LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.0 != secs {
+            let (y, mo, d) = civil_from_days((secs / 86400) as i64);
+            let s = secs % 86400;
+            l.1 = format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
+                s / 3600,
+                (s / 60) % 60,
+                s % 60
+            );
+            l.0 = secs;
+        }
+        format!("{}.{:03}Z", l.1, now.subsec_millis())
+    })
 }
 
 /// Howard Hinnant's days-to-civil conversion.

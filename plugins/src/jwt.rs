@@ -523,4 +523,6 @@ impl Plugin for Jwt {
 }
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
