@@ -34,6 +34,10 @@ pub struct Edge<A> {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS HTTP/1 connections still waiting for their first request header.
     pub first_header: Arc<FirstHeaderWatch>,
+    /// Plain connections (by socket) whose first request was already checked: Pingora
+    /// hands a kept-alive connection back for each request, and only the first one is
+    /// read here (later ones wait with the keep-alive timeout, inside Pingora).
+    pub seen: std::sync::Mutex<std::collections::HashSet<i32>>,
 }
 
 /// Connections (by socket) that must deliver a first request header before a deadline.
@@ -226,6 +230,14 @@ async fn first_header(
     }
 }
 
+impl<A> Edge<A> {
+    fn forget(&self, fd: i32) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.remove(&fd);
+        }
+    }
+}
+
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
     async fn process_new(
@@ -248,8 +260,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             if h2 || stream.get_ssl_digest().is_none() {
                 return self.inner.process_new(stream, shutdown).await;
             }
-            // TLS HTTP/1: the first header must arrive within the header timeout.
             let fd = stream.id();
+            let reused = !self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(true);
+            if reused {
+                let r = self.inner.process_new(stream, shutdown).await;
+                if r.is_none() {
+                    self.forget(fd);
+                }
+                return r;
+            }
+            // TLS HTTP/1: the first header must arrive within the header timeout.
             let gen = self.first_header.arm(fd);
             let watch = Arc::clone(&self.first_header);
             let limit = self.limits.header_timeout;
@@ -266,18 +286,38 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             let r = self.inner.process_new(stream, shutdown).await;
             self.first_header.take(fd, Some(gen));
             timer.abort();
+            if r.is_none() {
+                self.forget(fd);
+            }
+            return r;
+        }
+        let fd = stream.id();
+        let reused = !self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(true);
+        if reused {
+            let r = self.inner.process_new(stream, shutdown).await;
+            if r.is_none() {
+                self.forget(fd);
+            }
             return r;
         }
         let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
+            self.forget(fd);
             return None; // checked above
         };
         let mut buf = Vec::with_capacity(1024);
         match first_header(&mut l4, &self.limits, &mut buf).await {
             Ok(()) => {
                 l4.rewind(&buf);
-                self.inner.process_new(l4, shutdown).await
+                let r = self.inner.process_new(l4, shutdown).await;
+                if r.is_none() {
+                    self.forget(fd);
+                }
+                r
             }
-            Err(Refusal::Close) => None,
+            Err(Refusal::Close) => {
+                self.forget(fd);
+                None
+            }
             Err(Refusal::Status(status, code, msg)) => {
                 let id = format!("{:032x}", rand::random::<u128>());
                 let body = super::respond::error_body(code, msg, &id);
@@ -297,6 +337,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                     .requests
                     .with_label_values(&["", "OTHER", &status.to_string()])
                     .inc();
+                self.forget(fd);
                 None
             }
         }
