@@ -18,10 +18,10 @@
 #   --only LIST     comma-separated subset of: nginx,haproxy,bare-pingora,portico
 #   --no-install    never call apt-get (fail if a tool is missing)
 #   --no-build      use the binaries already built
-#   --quiet-wait S  before each proxy, wait up to S seconds for running cargo/
-#                   rustc processes (a build on the shared box) to finish; the
-#                   measurements taken while one runs are flagged "contended"
-#                   (default 900, 0 with --quick)
+#   --quiet-wait S  before each proxy, wait up to S seconds until no build
+#                   (cargo, rustc, …) runs and the box is < 15 % busy; tests
+#                   disturbed by other load are flagged "contended" and run
+#                   again (default 900, 0 with --quick)
 # Environment overrides: BENCH_SAT_SECS, BENCH_RATE_SECS, BENCH_WARMUP_SECS,
 #   BENCH_RATES ("5000 15000"), BENCH_CONNS (50), BENCH_IDLE_CONNS (5000),
 #   BENCH_WORK (work dir, default /tmp/portico-bench), BENCH_KEEP_WORK=1,
@@ -52,7 +52,7 @@ while (($#)); do
         --no-install) DO_INSTALL=0 ;;
         --no-build) DO_BUILD=0 ;;
         --quiet-wait) QUIET_WAIT=${2:?--quiet-wait needs seconds}; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
     shift

@@ -102,6 +102,7 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub non_idempotent: bool,
+    pub max_replay_body: u64,
 }
 
 impl RetryPolicy {
@@ -116,6 +117,7 @@ impl RetryPolicy {
             backoff_base: r.backoff.base.0,
             backoff_max: r.backoff.max.0,
             non_idempotent: r.non_idempotent,
+            max_replay_body: r.max_replay_body.0,
         }
     }
 

@@ -739,6 +739,14 @@ pub struct Retries {
     /// are retried only when they carry an `Idempotency-Key` header.
     #[serde(default)]
     pub non_idempotent: bool,
+    /// Request bodies up to this size are kept so a retry can replay them (at most
+    /// 64KiB, Pingora's retry buffer); a request with a bigger body is not retried.
+    #[serde(default = "default_replay_body")]
+    pub max_replay_body: Size,
+}
+
+fn default_replay_body() -> Size {
+    Size(64 * 1024)
 }
 
 fn default_retry_on() -> Vec<String> {

@@ -569,6 +569,12 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
                 );
             }
         }
+        if rt.max_replay_body.0 > 64 * 1024 {
+            errs.at(
+                &format!("{p}.retries.max_replay_body"),
+                "at most 64KiB (the retry buffer)",
+            );
+        }
         if rt.attempts > 10 {
             errs.at(&format!("{p}.retries.attempts"), "at most 10 retries");
         }

@@ -542,8 +542,18 @@ impl Proxy {
         if !idempotent && kind != RetryKind::ConnectFailure {
             return false;
         }
-        // The body must be replayable: fully held in the retry buffer.
-        if session.as_ref().retry_buffer_truncated() {
+        // The body must be replayable: fully held in the retry buffer, and within the
+        // route's `max_replay_body`.
+        if session.as_ref().retry_buffer_truncated() || ctx.request_body_seen > pol.max_replay_body
+        {
+            return false;
+        }
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > pol.max_replay_body) {
             return false;
         }
         if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -1067,10 +1077,10 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.request_body_seen += body.as_ref().map(|b| b.len() as u64).unwrap_or(0);
         let (Some(route), Some(pctx)) = (ctx.route.clone(), ctx.plugin_ctx.as_mut()) else {
             return Ok(());
         };
-        ctx.request_body_seen += body.as_ref().map(|b| b.len() as u64).unwrap_or(0);
         for p in &route.plugins {
             if let Flow::Respond(r) = p.on_request_body(body.as_ref(), ctx.request_body_seen, pctx)
             {

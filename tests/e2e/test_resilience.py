@@ -199,3 +199,24 @@ def test_hedging_answers_from_the_fast_endpoint(procs):
     before = _stats(slow) + _stats(fast)
     r = http_request(gw.port, "POST", "/once", body=b"x", timeout=10)
     assert _stats(slow) + _stats(fast) - before == 1
+
+
+def test_bodies_over_max_replay_body_are_not_retried(procs):
+    a, b = procs.backends("ma", "mb")
+    gw = procs.gateway({
+        "upstreams": {"app": {"endpoints": [a.address, b.address],
+                              "retry_budget": {"ratio": 1.0, "min_per_second": 50}}},
+        "routes": [{"name": "app", "match": {"path_prefix": "/"}, "upstream": "app",
+                    "retries": {"attempts": 3, "on": ["reset"], "max_replay_body": "512"}}],
+    })
+    _mode(a, "reset")
+    _mode(b, "reset")
+    hdrs = {"content-type": "text/plain", "idempotency-key": "k-2"}
+    before = _stats(a) + _stats(b)
+    r = http_request(gw.port, "PUT", "/small", body=b"x" * 100, headers=hdrs)
+    assert r.status == 502, r
+    assert _stats(a) + _stats(b) - before == 4, "a small body is replayed (1 + 3 tries)"
+    before = _stats(a) + _stats(b)
+    r = http_request(gw.port, "PUT", "/big", body=b"x" * 2048, headers=hdrs)
+    assert r.status == 502, r
+    assert _stats(a) + _stats(b) - before == 1, "a body over max_replay_body is sent once"
