@@ -179,7 +179,7 @@ def report(jsonl, meta_path, outdir):
 
     # Spread table (min–max over repeats) and validity columns.
     sl = []
-    shead = ["proxy", "repeats", "sat. req/s (min–max)", "proxy CPU at sat.", "core 1 busy at sat."]
+    shead = ["proxy", "runs used", "sat. req/s (min–max)", "proxy CPU at sat.", "core 1 busy at sat."]
     for k in rates:
         kk = f"{k // 1000}k" if k % 1000 == 0 else str(k)
         shead += [f"CPU µs/req @{kk} (min–max)", f"p99 @{kk} (min–max)"]
