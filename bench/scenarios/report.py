@@ -228,7 +228,8 @@ def report(results_path, meta_path, outdir):
     m = meta.get("machine", {})
     md.append(f"Scenarios run {meta.get('date', '?')} on `{m.get('uname_r', '?')}`, "
               f"{m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}); git {meta.get('git_head', '?')}, "
-              f"portico binary {meta.get('portico_mtime', '?')}; {meta.get('rounds', '?')} round(s); "
+              f"portico binary {meta.get('portico_path', 'target/release/portico')} of {meta.get('portico_mtime', '?')} "
+              f"(sha256 {meta.get('portico_sha256_prefix', '?')}…, copied at the start); {meta.get('rounds', '?')} round(s); "
               f"medians, spread = min–max over rounds. Proxy on core 0; load generator and backend on core 1.")
     if meta.get("forced"):
         md.append("")
