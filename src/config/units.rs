@@ -14,59 +14,9 @@ pub struct Dur(pub Duration);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Size(pub u64);
 
-/// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`, `100us`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("invalid duration {s:?}: missing unit (use ms, s, m or h)"))?;
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: {num:?} is not a number"))?;
-    let secs = match unit {
-        "us" => n / 1_000_000.0,
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    if !secs.is_finite() || !(0.0..=1.0e9).contains(&secs) {
-        return Err(format!("invalid duration {s:?}: out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses `512`, `64KiB`, `1MiB`, `1GiB`, `10KB`, `5MB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: {num:?} is not a whole number"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        u => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {u:?} (use KiB, MiB or GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
-}
+// One parser for the whole project: the plugin crate's (plugins cannot depend on the
+// gateway, the gateway can depend on plugins).
+pub use portico_plugins::units::{parse_duration, parse_size};
 
 fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();

@@ -230,11 +230,30 @@ async fn first_header(
     }
 }
 
-impl<A> Edge<A> {
+impl<A: ServerApp + Send + Sync + 'static> Edge<A> {
     fn forget(&self, fd: i32) {
         if let Ok(mut s) = self.seen.lock() {
             s.remove(&fd);
         }
+    }
+
+    /// Whether this is the first request of the connection on `fd` (and remembers it).
+    fn first_time(&self, fd: i32) -> bool {
+        self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(false)
+    }
+
+    /// Hands the connection to Pingora; forgets it when Pingora is done with it.
+    async fn pass(
+        self: &Arc<Self>,
+        stream: Stream,
+        fd: i32,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let r = self.inner.process_new(stream, shutdown).await;
+        if r.is_none() {
+            self.forget(fd);
+        }
+        r
     }
 }
 
@@ -261,13 +280,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                 return self.inner.process_new(stream, shutdown).await;
             }
             let fd = stream.id();
-            let reused = !self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(true);
-            if reused {
-                let r = self.inner.process_new(stream, shutdown).await;
-                if r.is_none() {
-                    self.forget(fd);
-                }
-                return r;
+            if !self.first_time(fd) {
+                return self.pass(stream, fd, shutdown).await;
             }
             // TLS HTTP/1: the first header must arrive within the header timeout.
             let gen = self.first_header.arm(fd);
@@ -283,22 +297,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                     }
                 }
             });
-            let r = self.inner.process_new(stream, shutdown).await;
+            let r = self.pass(stream, fd, shutdown).await;
             self.first_header.take(fd, Some(gen));
             timer.abort();
-            if r.is_none() {
-                self.forget(fd);
-            }
             return r;
         }
         let fd = stream.id();
-        let reused = !self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(true);
-        if reused {
-            let r = self.inner.process_new(stream, shutdown).await;
-            if r.is_none() {
-                self.forget(fd);
-            }
-            return r;
+        if !self.first_time(fd) {
+            return self.pass(stream, fd, shutdown).await;
         }
         let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
             self.forget(fd);
@@ -308,11 +314,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         match first_header(&mut l4, &self.limits, &mut buf).await {
             Ok(()) => {
                 l4.rewind(&buf);
-                let r = self.inner.process_new(l4, shutdown).await;
-                if r.is_none() {
-                    self.forget(fd);
-                }
-                r
+                self.pass(l4, fd, shutdown).await
             }
             Err(Refusal::Close) => {
                 self.forget(fd);
