@@ -208,21 +208,37 @@ their_load() {
     done
 }
 
+# Busy share of both cores over one second, in percent (between tests nothing
+# of ours runs but the idle backend and proxy).
+machine_busy_pct() {
+    local a b
+    a=$(awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat)
+    sleep 1
+    b=$(awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; p = 0; if (d > 0) p = 100 * (y[1] - x[1]) / d; printf "%d\n", p }'
+}
+
 FORCED=0
-# wait_turn — before each measurement: until nobody else's load runs and no build
-# runs (polls every 10 s, up to THEIRS_WAIT s; 60 s once a wait has timed out).
+# wait_turn — before each measurement: until nobody else's load runs, no build
+# runs and both cores are less than 15 % busy over a second (polls every 10 s,
+# up to THEIRS_WAIT s; 60 s once a wait has timed out).
 wait_turn() {
-    local waited=0 said=0 limit=$THEIRS_WAIT theirs
+    local waited=0 said=0 limit=$THEIRS_WAIT theirs busy
     ((FORCED && limit > 60)) && limit=60
     while :; do
         theirs=$(their_load | tr '\n' ' ')
-        if [[ -z $theirs ]] && ! build_running; then return 0; fi
+        if [[ -z $theirs ]] && ! build_running; then
+            # Also wait for anything else that keeps the cores busy (tests, ...).
+            busy=$(machine_busy_pct)
+            ((busy < 15)) && return 0
+            theirs="(the machine is ${busy}% busy) "
+        fi
         if ((waited >= limit)); then
             ((limit > 0)) && log "still busy after ${waited}s (${theirs:+load: $theirs}$(build_running && echo ' a build')); measuring anyway, flagged contended"
             FORCED=1
             return 0
         fi
-        ((said)) || log "waiting for other load to finish (${theirs:+load PIDs: $theirs}$(build_running && echo ' a build is running')); up to ${limit}s"
+        ((said)) || log "waiting for other load to finish (${theirs:+load: $theirs}$(build_running && echo ' a build is running')); up to ${limit}s"
         said=1
         sleep 10
         waited=$((waited + 10))
@@ -324,7 +340,7 @@ retry() {
         ((LAST_CONTENDED)) || return 0
         ((tries < RETRIES)) || return 0
         tries=$((tries + 1))
-        log "  $2/$3 was contended; again (retry $tries/$RETRIES)"
+        log "  ${1#test_} ${*:2:2} was contended; again (retry $tries/$RETRIES)"
     done
 }
 
