@@ -270,14 +270,19 @@ pub fn compile(
                 keep_query: rd.keep_query,
             }
         } else if let Some(rs) = &r.respond {
+            // The answer's headers and the route's response `set` edits, merged once.
+            let mut headers = HeaderEdit::compile(&model::HeaderEdit {
+                set: rs.headers.clone(),
+                remove: vec![],
+            })
+            .set;
+            if let Some(h) = &r.headers {
+                headers.extend(HeaderEdit::compile(&h.response).set);
+            }
             Action::Respond {
                 status: rs.status,
                 body: Bytes::from(rs.body.clone()),
-                headers: HeaderEdit::compile(&model::HeaderEdit {
-                    set: rs.headers.clone(),
-                    remove: vec![],
-                })
-                .set,
+                headers,
             }
         } else if let Some(st) = &r.static_files {
             Action::Static {

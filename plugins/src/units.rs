@@ -1,11 +1,11 @@
 //! Human units in plugin settings: durations (`250ms`, `2s`, `1.5s`, `1m`, `1h`) and
 //! byte sizes (`512`, `64KiB`, `1MiB`, `2GiB`, also `KB`/`MB`/`GB` as powers of ten),
-//! with the same syntax as the gateway's own config units. The plugin crate cannot
-//! depend on the gateway, so these small parsers live here; settings types use the
-//! [`Dur`] and [`Size`] wrappers, which deserialize from strings (and sizes also from
-//! plain integers) and say what is wrong when they cannot.
+//! the one definition for the whole project: the plugin crate cannot depend on the
+//! gateway, so the gateway's config re-exports these. [`Dur`] and [`Size`] deserialize
+//! from strings (durations also from a bare `0`, sizes also from plain integers), say
+//! what is wrong when they cannot, and serialize back to the same syntax.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::time::Duration;
 
@@ -83,6 +83,9 @@ impl<'de> Deserialize<'de> for Dur {
                 parse_duration(s).map(Dur).map_err(E::custom)
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Dur, E> {
+                if n == 0 {
+                    return Ok(Dur(Duration::ZERO));
+                }
                 Err(E::custom(format!(
                     "invalid duration {n}: missing unit (write {n}s or {n}ms)"
                 )))
@@ -92,8 +95,31 @@ impl<'de> Deserialize<'de> for Dur {
                     "invalid duration {n}: missing unit (write {n}s or {n}ms)"
                 )))
             }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "invalid duration {n}: missing unit (write {n}s)"
+                )))
+            }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0.as_millis();
+        let text = if ms > 0 && ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        s.serialize_str(&text)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
     }
 }
 
@@ -123,6 +149,28 @@ impl<'de> Deserialize<'de> for Size {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn serde_forms() {
+        let d: Dur = serde_yaml::from_str("0").unwrap();
+        assert_eq!(d.0, Duration::ZERO);
+        assert!(serde_yaml::from_str::<Dur>("5").is_err());
+        assert!(serde_yaml::from_str::<Dur>("1.5").is_err());
+        assert_eq!(
+            serde_yaml::to_string(&Dur(Duration::from_secs(2)))
+                .unwrap()
+                .trim(),
+            "2s"
+        );
+        assert_eq!(
+            serde_yaml::to_string(&Dur(Duration::from_millis(250)))
+                .unwrap()
+                .trim(),
+            "250ms"
+        );
+        let z: Size = serde_yaml::from_str("64KiB").unwrap();
+        assert_eq!(serde_yaml::to_string(&z).unwrap().trim(), "65536");
+    }
     use super::*;
 
     #[test]

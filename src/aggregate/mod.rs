@@ -804,63 +804,34 @@ pub async fn execute(rt: &Runtime, env: Env<'_>, gw: Arc<crate::gateway::Gateway
                 continue;
             }
             let call = &comp.calls[i];
-            if call.depends_on.iter().any(|&d| state[d] == 3) {
-                state[i] = 3;
-                let reason = "a call it depends on failed".to_string();
-                if !call.optional {
-                    finish(
-                        i,
-                        0,
-                        "dependency_failed",
-                        Instant::now(),
-                        String::new(),
-                        &mut logs,
-                    );
-                    return error_answer(
-                        502,
-                        "aggregate_call_failed",
-                        &format!("call `{}`: {reason}", call.name),
-                        &call.name,
-                        env.request_id,
-                        logs,
-                    );
-                }
-                finish(
-                    i,
-                    0,
-                    "dependency_failed",
-                    Instant::now(),
-                    String::new(),
-                    &mut logs,
-                );
-                out.insert(call.name.clone(), Value::Null);
-                errors.insert(
-                    call.name.clone(),
-                    serde_json::json!({"status": null, "reason": reason}),
-                );
-                continue;
-            }
-            if !call.depends_on.iter().all(|&d| state[d] == 2) || running >= comp.max_concurrency {
+            let dep_failed = call.depends_on.iter().any(|&d| state[d] == 3);
+            if !dep_failed
+                && (!call.depends_on.iter().all(|&d| state[d] == 2)
+                    || running >= comp.max_concurrency)
+            {
                 continue;
             }
             let up = Arc::clone(&rt.upstreams[i]);
-            let prepared = match prepare(call, &up, &env, &results) {
+            // A call that cannot start (a dependency failed, or its template has no
+            // value) fails like a call that ran: the whole answer if required, else null.
+            let prepared = if dep_failed {
+                Err((
+                    "dependency_failed",
+                    "a call it depends on failed".to_string(),
+                ))
+            } else {
+                prepare(call, &up, &env, &results).map_err(|e| ("bad_template", e))
+            };
+            let prepared = match prepared {
                 Ok(p) => p,
-                Err(e) => {
+                Err((outcome, reason)) => {
                     state[i] = 3;
-                    finish(
-                        i,
-                        0,
-                        "bad_template",
-                        Instant::now(),
-                        String::new(),
-                        &mut logs,
-                    );
+                    finish(i, 0, outcome, Instant::now(), String::new(), &mut logs);
                     if !call.optional {
                         return error_answer(
                             502,
                             "aggregate_call_failed",
-                            &format!("call `{}`: {e}", call.name),
+                            &format!("call `{}`: {reason}", call.name),
                             &call.name,
                             env.request_id,
                             logs,
@@ -869,7 +840,7 @@ pub async fn execute(rt: &Runtime, env: Env<'_>, gw: Arc<crate::gateway::Gateway
                     out.insert(call.name.clone(), Value::Null);
                     errors.insert(
                         call.name.clone(),
-                        serde_json::json!({"status": null, "reason": e}),
+                        serde_json::json!({"status": null, "reason": reason}),
                     );
                     continue;
                 }

@@ -268,9 +268,7 @@ pub fn build_peer(
         }
         None => HttpPeer::new(ep.addr, false, String::new()),
     };
-    // Connections are pooled per upstream: two upstreams on one address with
-    // different TLS settings (CA, client certificate) never share a connection.
-    peer.group_key = crate::upstream::balance::hash64(up.name.as_bytes());
+    peer.group_key = up.pool_group;
     if up.http_version.0 == 2 {
         peer.options.set_http_version(2, 2);
         peer.options.max_h2_streams = 100;
@@ -923,12 +921,22 @@ impl ProxyHttp for Proxy {
                 headers,
             } => {
                 ctx.own_status = Some(*status);
-                let mut hs = headers.clone();
-                hs.extend(route.response_headers.set.iter().cloned());
-                if let Some(p) = &ctx.plugin_ctx {
-                    hs.extend(p.response_headers.iter().cloned());
+                match ctx
+                    .plugin_ctx
+                    .as_ref()
+                    .filter(|p| !p.response_headers.is_empty())
+                {
+                    Some(p) => {
+                        let mut hs = headers.clone();
+                        hs.extend(p.response_headers.iter().cloned());
+                        respond::write(session, *status, &hs, body.clone(), &ctx.request_id)
+                            .await?;
+                    }
+                    None => {
+                        respond::write(session, *status, headers, body.clone(), &ctx.request_id)
+                            .await?
+                    }
                 }
-                respond::write(session, *status, &hs, body.clone(), &ctx.request_id).await?;
                 return Ok(true);
             }
             Action::Redirect {

@@ -154,6 +154,9 @@ pub struct Upstream {
     pub tls: Option<UpstreamTlsRt>,
     /// HTTP versions to speak (max, min): (1, 1), or (2, 2) for h2/h2c.
     pub http_version: (u8, u8),
+    /// Pingora's connection-pool group: connections are never shared between upstreams
+    /// (two upstreams on one address may have different TLS settings).
+    pub pool_group: u64,
     pub budget: resilience::Budget,
     /// Requests in flight to any endpoint of this upstream.
     pub inflight: AtomicI64,
@@ -220,6 +223,7 @@ impl Upstream {
                 }
                 Some(rt)
             }),
+            pool_group: balance::hash64(name.as_bytes()),
             http_version: match spec.protocol.as_deref() {
                 Some("h2") | Some("h2c") => (2, 2),
                 _ => (1, 1),
