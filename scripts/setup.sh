@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Portico needs on a fresh Debian machine that has
 # only the Rust toolchain, gcc, python3 and git: cmake (Pingora's zlib-ng), pkg-config
-# and the OpenSSL headers (Pingora's TLS), curl, and pytest for the end-to-end suite.
+# and the OpenSSL headers (Pingora's TLS), curl, protoc, the test peers (h2load, dnsmasq,
+# redis-server, etcd) and pytest for the end-to-end suite.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -14,6 +15,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # end-to-end test peers: h2load (HTTP/2 load), dnsmasq (DNS/SRV discovery)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
+# shared state for replicated gateways: real Redis and etcd servers; protoc builds the
+# etcd client's gRPC stubs
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 for extra in "$@"; do
   case "$extra" in
     bench) for p in nginx-light:nginx haproxy:haproxy wrk:wrk nghttp2-client:h2load; do
