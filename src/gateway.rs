@@ -43,7 +43,17 @@ pub struct Gateway {
     pub connector: pingora::connectors::http::Connector,
     /// Aggregation calls running at once, gateway-wide.
     pub aggregate_slots: Arc<tokio::sync::Semaphore>,
+    /// Where a re-read config file goes instead of straight to `apply_config` (ingress
+    /// mode: the file is only the base the cluster state is translated onto).
+    pub source_hook: Mutex<Option<SourceHook>>,
+    /// The certificate resolvers of the TLS listeners (ingress mode adds certificates
+    /// from TLS Secrets to them).
+    pub tls: Mutex<Vec<Arc<crate::tls::Sni>>>,
 }
+
+/// Takes a freshly parsed config file and applies what it implies; see
+/// `Gateway::source_hook`.
+pub type SourceHook = Arc<dyn Fn(Config, &str) -> Result<u64, Vec<String>> + Send + Sync>;
 
 /// Puts the config's static registry instances into `reg` (and drops stale ones).
 pub fn sync_static(reg: &Registry, cfg: &Config) {
@@ -155,6 +165,8 @@ impl Gateway {
             orchestrator: Mutex::new(None),
             connector: pingora::connectors::http::Connector::new(None),
             aggregate_slots: Arc::new(tokio::sync::Semaphore::new(512)),
+            source_hook: Mutex::new(None),
+            tls: Mutex::new(vec![]),
         }))
     }
 
@@ -166,7 +178,6 @@ impl Gateway {
     /// Reloads the config file. `force: false` skips a file whose text did not change.
     /// Returns the new version, or every error (the running config stays).
     pub fn reload(&self, force: bool, why: &str) -> Result<u64, Vec<String>> {
-        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let name = self.config_path.display().to_string();
         let result = std::fs::read_to_string(&self.config_path)
             .map_err(|e| {
@@ -183,40 +194,65 @@ impl Gateway {
                 }
                 config::load_str(&name, &text).map(|(c, _)| Some((c, text)))
             });
-        let errors: Vec<String> = match result {
-            Ok(None) => return Ok(self.current().version),
+        match result {
+            Ok(None) => Ok(self.current().version),
             Ok(Some((cfg, text))) => {
-                let prev = self.current();
-                let version = prev.version + 1;
-                sync_static(&self.registry, &cfg);
-                match snapshot::compile(
-                    &cfg,
-                    Some(&prev),
-                    Some(&self.bg),
-                    &self.metrics,
-                    version,
-                    Some(&self.registry),
-                ) {
-                    Ok(snap) => {
-                        if let Some(o) = self.orchestrator.lock().ok().and_then(|g| g.clone()) {
-                            o.apply(&cfg);
-                        }
-                        warn_static_changes(&prev.config, &cfg);
-                        self.snapshot.store(Arc::new(snap));
-                        self.last_text_hash
-                            .store(text_hash(&text), Ordering::Relaxed);
-                        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = now_rfc3339();
-                        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                        self.metrics.reloads.with_label_values(&["ok"]).inc();
-                        self.metrics.config_version.set(version as i64);
-                        log::info!("config reloaded ({why}): version {version}");
-                        return Ok(version);
-                    }
-                    Err(e) => vec![format!("{name}: {e}")],
+                let hook = self
+                    .source_hook
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let r = match hook {
+                    Some(h) => h(cfg, why),
+                    None => self.apply_config(cfg, why),
+                };
+                if r.is_ok() {
+                    self.last_text_hash
+                        .store(text_hash(&text), Ordering::Relaxed);
                 }
+                r
             }
-            Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
-        };
+            Err(errs) => Err(self.refused(errs.iter().map(|e| e.to_string()).collect(), why)),
+        }
+    }
+
+    /// Compiles `cfg` against the running snapshot and swaps it in (the path every
+    /// config change takes: file reloads, and the translated cluster state in ingress
+    /// mode). `cfg` must be validated already. Returns the new version, or the errors
+    /// (the running config stays).
+    pub fn apply_config(&self, cfg: Config, why: &str) -> Result<u64, Vec<String>> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let name = self.config_path.display().to_string();
+        let prev = self.current();
+        let version = prev.version + 1;
+        sync_static(&self.registry, &cfg);
+        match snapshot::compile(
+            &cfg,
+            Some(&prev),
+            Some(&self.bg),
+            &self.metrics,
+            version,
+            Some(&self.registry),
+        ) {
+            Ok(snap) => {
+                if let Some(o) = self.orchestrator.lock().ok().and_then(|g| g.clone()) {
+                    o.apply(&cfg);
+                }
+                warn_static_changes(&prev.config, &cfg);
+                self.snapshot.store(Arc::new(snap));
+                *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = now_rfc3339();
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                self.metrics.config_version.set(version as i64);
+                log::info!("config reloaded ({why}): version {version}");
+                Ok(version)
+            }
+            Err(e) => Err(self.refused(vec![format!("{name}: {e}")], why)),
+        }
+    }
+
+    /// Records and logs a refused config change; returns the errors.
+    pub fn refused(&self, errors: Vec<String>, why: &str) -> Vec<String> {
         self.metrics.reloads.with_label_values(&["error"]).inc();
         for e in &errors {
             log::error!("config reload ({why}) refused: {e}");
@@ -225,7 +261,7 @@ impl Gateway {
             at: now_rfc3339(),
             errors: errors.clone(),
         });
-        Err(errors)
+        errors
     }
 }
 

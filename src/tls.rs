@@ -89,25 +89,61 @@ fn names_of(cert: &X509) -> Vec<String> {
 
 fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertEntry, String> {
     let pem = std::fs::read(cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    let mut certs = X509::stack_from_pem(&pem)
-        .map_err(|e| format!("{}: not a PEM certificate: {e}", cert_path.display()))?;
+    let key_pem = std::fs::read(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    parse_pair(
+        &pem,
+        &key_pem,
+        &cert_path.display().to_string(),
+        &key_path.display().to_string(),
+    )
+}
+
+/// A certificate chain and key held in memory (a Kubernetes TLS Secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PemCert {
+    /// Where it came from, for logs (`secret ns/name`).
+    pub source: String,
+    /// Names it serves; empty means the names in the certificate.
+    pub names: Vec<String>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Parses an in-memory certificate chain and key (the key must match the leaf).
+pub fn load_pem(p: &PemCert) -> Result<CertEntry, String> {
+    let mut e = parse_pair(
+        &p.cert_pem,
+        &p.key_pem,
+        &format!("{} (certificate)", p.source),
+        &format!("{} (key)", p.source),
+    )?;
+    e.source = p.source.clone();
+    if !p.names.is_empty() {
+        e.names = p.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    }
+    Ok(e)
+}
+
+fn parse_pair(
+    pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<CertEntry, String> {
+    let mut certs = X509::stack_from_pem(pem)
+        .map_err(|e| format!("{cert_name}: not a PEM certificate: {e}"))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found", cert_path.display()));
+        return Err(format!("{cert_name}: no certificate found"));
     }
     let leaf = certs.remove(0);
-    let key_pem = std::fs::read(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-    let key = PKey::private_key_from_pem(&key_pem)
-        .map_err(|e| format!("{}: not a PEM private key: {e}", key_path.display()))?;
+    let key = PKey::private_key_from_pem(key_pem)
+        .map_err(|e| format!("{key_name}: not a PEM private key: {e}"))?;
     let matches = leaf
         .public_key()
         .map(|pk| pk.public_eq(&key))
         .unwrap_or(false);
     if !matches {
-        return Err(format!(
-            "{} does not belong to {}",
-            key_path.display(),
-            cert_path.display()
-        ));
+        return Err(format!("{key_name} does not belong to {cert_name}"));
     }
     let names = names_of(&leaf);
     Ok(CertEntry {
@@ -115,7 +151,7 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertEntry, String> {
         leaf,
         chain: certs,
         key,
-        source: cert_path.display().to_string(),
+        source: cert_name.to_string(),
     })
 }
 
@@ -151,15 +187,25 @@ pub fn cert_files(tls: &ListenerTls) -> Vec<(PathBuf, PathBuf)> {
 
 /// Loads every certificate of a listener; any bad one fails the whole store.
 pub fn load_store(tls: &ListenerTls) -> Result<CertStore, String> {
-    let mut entries = vec![];
-    for (c, k) in cert_files(tls) {
-        entries.push(Arc::new(load_pair(&c, &k)?));
-    }
+    let entries = load_files(tls)?;
     if entries.is_empty() {
         return Err(
             "no certificates (give `certificates` or a `dir` with NAME.crt + NAME.key)".into(),
         );
     }
+    Ok(build_store(entries))
+}
+
+/// Loads the certificate files of a listener; any bad one fails them all.
+fn load_files(tls: &ListenerTls) -> Result<Vec<Arc<CertEntry>>, String> {
+    cert_files(tls)
+        .iter()
+        .map(|(c, k)| load_pair(c, k).map(Arc::new))
+        .collect()
+}
+
+/// Indexes entries by name; the first entry serving a name wins it.
+fn build_store(entries: Vec<Arc<CertEntry>>) -> CertStore {
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
@@ -174,11 +220,11 @@ pub fn load_store(tls: &ListenerTls) -> Result<CertStore, String> {
             }
         }
     }
-    Ok(CertStore {
+    CertStore {
         entries,
         exact,
         wildcard,
-    })
+    }
 }
 
 /// What the handshake learned about the client certificate.
@@ -188,10 +234,41 @@ pub struct ClientCert {
     pub subject: String,
 }
 
-/// The per-listener SNI resolver.
+/// The per-listener SNI resolver. Its store is the listener's certificate files
+/// followed by the in-memory certificates (TLS Secrets in ingress mode); each part is
+/// replaced on its own (file reload, `set_memory`) and the store rebuilt from both.
 pub struct Sni {
     pub store: ArcSwap<CertStore>,
     pub listener: String,
+    files: ArcSwap<Vec<Arc<CertEntry>>>,
+    memory: ArcSwap<Vec<Arc<CertEntry>>>,
+    /// Serializes rebuilds so a file reload and a memory update cannot lose each other.
+    rebuild: std::sync::Mutex<()>,
+}
+
+impl Sni {
+    fn rebuild_store(&self) {
+        let _g = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<Arc<CertEntry>> = self.files.load().iter().cloned().collect();
+        all.extend(self.memory.load().iter().cloned());
+        self.store.store(Arc::new(build_store(all)));
+    }
+
+    /// Replaces the in-memory certificates. Bad ones are left out and reported, one
+    /// message each; the good ones (and the files) are served.
+    pub fn set_memory(&self, certs: &[PemCert]) -> Vec<String> {
+        let mut errors = vec![];
+        let mut entries = vec![];
+        for c in certs {
+            match load_pem(c) {
+                Ok(e) => entries.push(Arc::new(e)),
+                Err(e) => errors.push(e),
+            }
+        }
+        self.memory.store(Arc::new(entries));
+        self.rebuild_store();
+        errors
+    }
 }
 
 struct Callbacks(Arc<Sni>);
@@ -267,7 +344,24 @@ pub fn settings(
     tls: &ListenerTls,
     http2: bool,
 ) -> Result<(TlsSettings, Arc<Sni>), String> {
-    let store = load_store(tls)?;
+    settings_with(name, tls, http2, false)
+}
+
+/// `settings`, optionally without any certificate file (ingress mode: the
+/// certificates come from TLS Secrets through `Sni::set_memory`).
+pub fn settings_with(
+    name: &str,
+    tls: &ListenerTls,
+    http2: bool,
+    allow_no_files: bool,
+) -> Result<(TlsSettings, Arc<Sni>), String> {
+    let files = load_files(tls)?;
+    if files.is_empty() && !allow_no_files {
+        return Err(
+            "no certificates (give `certificates` or a `dir` with NAME.crt + NAME.key)".into(),
+        );
+    }
+    let store = build_store(files.clone());
     for (src, names) in store.describe() {
         log::info!(
             "listener {name}: certificate {src} for {}",
@@ -277,6 +371,9 @@ pub fn settings(
     let sni = Arc::new(Sni {
         store: ArcSwap::from_pointee(store),
         listener: name.to_string(),
+        files: ArcSwap::from_pointee(files),
+        memory: ArcSwap::from_pointee(vec![]),
+        rebuild: std::sync::Mutex::new(()),
     });
     let mut s = TlsSettings::with_callbacks(Box::new(Callbacks(Arc::clone(&sni))))
         .map_err(|e| format!("listener {name}: {e}"))?;
@@ -316,8 +413,14 @@ pub fn settings(
 
 /// Reloads a listener's certificates; a bad set is refused and the old one stays.
 pub fn reload(sni: &Sni, tls: &ListenerTls) -> Result<(), String> {
-    let store = load_store(tls)?;
-    sni.store.store(Arc::new(store));
+    let files = load_files(tls)?;
+    if files.is_empty() && sni.memory.load().is_empty() {
+        return Err(
+            "no certificates (give `certificates` or a `dir` with NAME.crt + NAME.key)".into(),
+        );
+    }
+    sni.files.store(Arc::new(files));
+    sni.rebuild_store();
     log::info!("listener {}: certificates reloaded", sni.listener);
     Ok(())
 }

@@ -386,7 +386,13 @@ pub fn load_str(file: &str, text: &str) -> Result<(Config, Positions), Vec<Confi
                     }
                 }
                 "redis" => cfg.redis = Some(v.clone()),
-                "kubernetes" => cfg.kubernetes = Some(v.clone()),
+                "kubernetes" => {
+                    cfg.kubernetes = if v.is_null() {
+                        Some(Default::default())
+                    } else {
+                        check(v, key, &mut errs)
+                    }
+                }
                 other => errs.at_key(
                     other,
                     format!(

@@ -34,7 +34,43 @@ pub struct Config {
     #[serde(default)]
     pub redis: Option<serde_yaml::Value>,
     #[serde(default)]
-    pub kubernetes: Option<serde_yaml::Value>,
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// Ingress controller mode (`portico ingress`, or cluster watching).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// Ingresses of this class (and Gateways of the GatewayClass of this name) are
+    /// Portico's.
+    #[serde(default = "default_ingress_class")]
+    pub ingress_class: String,
+    /// Namespaces watched; all when empty.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Cluster mode: the kubeconfig file to use (else `KUBECONFIG`, `~/.kube/config`,
+    /// or the in-cluster service account).
+    #[serde(default)]
+    pub kubeconfig: Option<String>,
+    /// Cluster mode: the address (IP or hostname) written to the
+    /// `status.loadBalancer.ingress` of the Ingresses Portico serves; none: no status.
+    #[serde(default)]
+    pub status_address: Option<String>,
+}
+
+fn default_ingress_class() -> String {
+    "portico".into()
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            ingress_class: default_ingress_class(),
+            namespaces: vec![],
+            kubeconfig: None,
+            status_address: None,
+        }
+    }
 }
 
 /// One listening socket.

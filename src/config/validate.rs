@@ -32,7 +32,8 @@ pub fn validate(
         }
         if let Some(tls) = &l.tls {
             let tp = format!("{p}.tls");
-            if tls.certificates.is_empty() && tls.dir.is_none() {
+            // In ingress mode certificates may all come from TLS Secrets.
+            if tls.certificates.is_empty() && tls.dir.is_none() && cfg.kubernetes.is_none() {
                 errs.at(&tp, "a TLS listener needs `certificates` or `dir`");
             }
             if let Err(e) = crate::tls::load_store(tls) {
@@ -363,15 +364,39 @@ pub fn validate(
             }
         }
     }
-    for key in ["redis", "kubernetes"] {
-        let present = match key {
-            "redis" => cfg.redis.is_some(),
-            _ => cfg.kubernetes.is_some(),
-        };
-        if present {
-            errs.at(key, format!("`{key}` is not supported by this build yet"));
+    if cfg.redis.is_some() {
+        errs.at("redis", "`redis` is not supported by this build yet");
+    }
+    if let Some(k) = &cfg.kubernetes {
+        if !valid_dns_name(&k.ingress_class) {
+            errs.at(
+                "kubernetes.ingress_class",
+                format!("invalid class name `{}` (a DNS name)", k.ingress_class),
+            );
+        }
+        for (i, ns) in k.namespaces.iter().enumerate() {
+            if !valid_dns_name(ns) || ns.contains('.') {
+                errs.at(
+                    &format!("kubernetes.namespaces[{i}]"),
+                    format!("invalid namespace `{ns}`"),
+                );
+            }
         }
     }
+}
+
+/// A lowercase RFC 1123 DNS name (Kubernetes object and namespace names).
+fn valid_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, errs: &mut Errors) {
