@@ -14,6 +14,7 @@ mod cli;
 mod config;
 mod demo_backend;
 mod gateway;
+mod kubernetes;
 mod metrics;
 mod orchestrator;
 mod proxy;
