@@ -177,6 +177,16 @@ struct Scale {
     replicas: u32,
 }
 
+/// The answer for a write the shared (etcd) registry refused or could not take.
+fn shared_error(
+    e: crate::registry::etcd::WriteError,
+    svc: &str,
+    id: &str,
+) -> http::Response<Vec<u8>> {
+    let (status, body) = crate::registry::etcd::error_reply(e, svc, id);
+    reply(status, body)
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -189,7 +199,7 @@ impl Admin {
         self.gw.orchestrator.lock().ok().and_then(|g| g.clone())
     }
 
-    fn registry_api(&self, method: &str, path: &str, body: &[u8]) -> http::Response<Vec<u8>> {
+    async fn registry_api(&self, method: &str, path: &str, body: &[u8]) -> http::Response<Vec<u8>> {
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         // registry / services / {service} / instances / {id} [/ heartbeat]
         let (svc, id, heartbeat) = match parts.as_slice() {
@@ -209,8 +219,15 @@ impl Admin {
             );
         }
         let reg = &self.gw.registry;
+        let shared = reg.shared();
         match (method, heartbeat) {
             ("PUT", true) => {
+                if let Some(e) = shared {
+                    return match e.heartbeat(svc, id).await {
+                        Ok(()) => reply(200, json!({"status": "renewed"})),
+                        Err(err) => shared_error(err, svc, id),
+                    };
+                }
                 if reg.heartbeat(svc, id) {
                     reply(200, json!({"status": "renewed"}))
                 } else {
@@ -246,7 +263,13 @@ impl Admin {
                     crate::registry::Source::Api,
                 ) {
                     Ok(i) => {
-                        reg.upsert(svc, i);
+                        if let Some(e) = shared {
+                            if let Err(err) = e.register(svc, &i).await {
+                                return shared_error(err, svc, id);
+                            }
+                        } else {
+                            reg.upsert(svc, i);
+                        }
                         reply(
                             200,
                             json!({"status": "registered", "service": svc, "id": id}),
@@ -255,13 +278,24 @@ impl Admin {
                     Err(e) => reply(400, json!({"error": "bad_request", "message": e})),
                 }
             }
-            ("DELETE", false) => match reg.remove(svc, id) {
-                Some(_) => reply(200, json!({"status": "deregistered"})),
-                None => reply(
-                    404,
-                    json!({"error": "not_found", "message": format!("{svc}/{id} is not registered")}),
-                ),
-            },
+            ("DELETE", false) => {
+                let gone = match shared {
+                    Some(e) => match e.deregister(svc, id).await {
+                        Ok(()) => true,
+                        Err(crate::registry::etcd::WriteError::NotFound) => false,
+                        Err(err) => return shared_error(err, svc, id),
+                    },
+                    None => reg.remove(svc, id).is_some(),
+                };
+                if gone {
+                    reply(200, json!({"status": "deregistered"}))
+                } else {
+                    reply(
+                        404,
+                        json!({"error": "not_found", "message": format!("{svc}/{id} is not registered")}),
+                    )
+                }
+            }
             _ => reply(
                 405,
                 json!({"error": "method_not_allowed", "message": format!("{method} is not allowed on {path}")}),
@@ -428,7 +462,7 @@ impl ServeHttp for Admin {
                 Some(o) => reply(200, o.to_json()),
                 None => reply(200, json!({"deployments": []})),
             },
-            (m, p) if p.starts_with("/registry/services/") => self.registry_api(m, p, &body),
+            (m, p) if p.starts_with("/registry/services/") => self.registry_api(m, p, &body).await,
             (m, p) if p.starts_with("/orchestrator/deployments/") => {
                 self.orchestrator_api(m, p, &body)
             }

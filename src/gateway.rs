@@ -308,6 +308,8 @@ impl Gateway {
     /// Starts the registry's background work: TTL expiry, and recompiling routing
     /// whenever the registry changes (debounced a little, so a burst is one swap).
     pub fn start_registry_tasks(self: &Arc<Self>) {
+        // `registry.backend: etcd`: mirror the shared registry (waits for its first sync).
+        crate::registry::etcd::start_for(&self.current().config, &self.registry, &self.bg);
         let gw = Arc::clone(self);
         self.bg.spawn(async move {
             let mut rx = gw.registry.subscribe();
@@ -344,6 +346,16 @@ fn warn_static_changes(old: &Config, new: &Config) {
     }
     if old.access_log != new.access_log {
         log::warn!("`access_log` changes take effect at the next restart");
+    }
+    let shared = |c: &Config| {
+        c.registry
+            .as_ref()
+            .map(|r| (r.backend.clone(), r.etcd.clone()))
+    };
+    if shared(old) != shared(new) {
+        log::warn!(
+            "`registry.backend` and `registry.etcd` changes take effect at the next restart"
+        );
     }
 }
 

@@ -823,10 +823,38 @@ pub struct RegistryConfig {
     #[serde(default)]
     pub backend: Option<String>,
     #[serde(default)]
-    pub etcd: Option<serde_yaml::Value>,
+    pub etcd: Option<EtcdConfig>,
     /// Static instances: service -> list of `{ id, address, labels }`.
     #[serde(default)]
     pub services: BTreeMap<String, Vec<StaticInstance>>,
+}
+
+/// `registry.etcd`: where the shared registry lives (used with `backend: etcd`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `host:port` or `http://host:port` client URLs of the etcd cluster.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this gateway fleet (`/portico`): instances live under
+    /// `<prefix>/services/<service>/<id>`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// TTL of the lease this gateway keeps alive for the replicas it orchestrates.
+    #[serde(default = "default_etcd_lease_ttl")]
+    pub lease_ttl: Dur,
+    /// Deadline of one etcd request (a write through the admin API, a list).
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_etcd_prefix() -> String {
+    "/portico".into()
+}
+fn default_etcd_lease_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_etcd_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
 }
 
 /// An instance written in the config file.

@@ -294,14 +294,27 @@ pub fn validate(
     if let Some(r) = &cfg.registry {
         match r.backend.as_deref() {
             None | Some("embedded") => {}
-            Some("etcd") => errs.at(
-                "registry.backend",
-                "the etcd backend is not supported by this build yet",
-            ),
+            Some("etcd") => {
+                if r.etcd.is_none() {
+                    errs.at(
+                        "registry.backend",
+                        "the etcd backend needs `registry.etcd: { endpoints: [\"host:port\"] }`",
+                    );
+                }
+            }
             Some(b) => errs.at(
                 "registry.backend",
                 format!("unknown backend `{b}` (embedded or etcd)"),
             ),
+        }
+        if let Some(e) = &r.etcd {
+            if r.backend.as_deref() != Some("etcd") {
+                errs.at_key(
+                    "registry.etcd",
+                    "`registry.etcd` is only used with `backend: etcd`",
+                );
+            }
+            crate::registry::etcd::validate(e, errs);
         }
         for (svc, insts) in &r.services {
             for (j, i) in insts.iter().enumerate() {

@@ -517,7 +517,7 @@ impl Orchestrator {
                 signal_group(pid, libc::SIGKILL);
             }
             let _ = child.wait().await;
-            self.registry.remove(&spec.service, &id);
+            self.registry.remove_owned(&spec.service, &id);
             if outcome == Outcome::Stopped
                 || *stop.borrow()
                 || self.shutting_down.load(Ordering::SeqCst)
@@ -653,7 +653,7 @@ impl Orchestrator {
             Source::Orchestrator,
         ) {
             Ok(i) => {
-                self.registry.upsert(&spec.service, i);
+                self.registry.upsert_owned(&spec.service, i);
             }
             Err(e) => log::error!("orchestrator {id}: {e}"),
         }
@@ -699,10 +699,11 @@ impl Orchestrator {
 
     /// Takes a replica out of rotation, lets in-flight requests finish, then stops it.
     async fn drain(&self, spec: &Deployment, id: &str, child: &mut tokio::process::Child) {
-        self.registry.set_state(&spec.service, id, State::Draining);
+        self.registry
+            .set_state_owned(&spec.service, id, State::Draining);
         // Give routing a moment to swap the endpoint out before the process goes.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        self.registry.remove(&spec.service, id);
+        self.registry.remove_owned(&spec.service, id);
         if let Some(pid) = child.id() {
             signal_group(pid, libc::SIGTERM);
         }

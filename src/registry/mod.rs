@@ -5,25 +5,28 @@
 //! its snapshot through the same compile-and-swap path as a config reload.
 
 pub mod dns;
+pub mod etcd;
 pub mod selector;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 /// Who registered an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     Api,
     Orchestrator,
     Static,
     Dns,
+    /// Mirrored from the shared etcd registry (written there by any gateway).
+    Etcd,
 }
 
 /// Whether an instance takes new requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Ready,
@@ -53,6 +56,8 @@ impl Instance {
 pub struct Registry {
     services: RwLock<BTreeMap<String, BTreeMap<String, Instance>>>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The shared backend (`registry.backend: etcd`), set once at start.
+    shared: OnceLock<Arc<etcd::Etcd>>,
 }
 
 impl Default for Registry {
@@ -60,6 +65,7 @@ impl Default for Registry {
         Registry {
             services: RwLock::new(BTreeMap::new()),
             changed: tokio::sync::watch::channel(0).0,
+            shared: OnceLock::new(),
         }
     }
 }
@@ -115,6 +121,57 @@ impl Registry {
         };
         if changed {
             self.bump();
+        }
+    }
+
+    /// The shared etcd backend, when `registry.backend` is `etcd`: admin API writes go
+    /// there instead of into this registry (which mirrors it).
+    pub fn shared(&self) -> Option<&Arc<etcd::Etcd>> {
+        self.shared.get()
+    }
+
+    /// Installs the shared backend (once).
+    pub fn set_shared(&self, e: Arc<etcd::Etcd>) {
+        let _ = self.shared.set(e);
+    }
+
+    /// Adds an instance this gateway runs itself (an orchestrated replica): here, and
+    /// in the shared backend (under this gateway's lease) when there is one.
+    pub fn upsert_owned(&self, service: &str, inst: Instance) -> bool {
+        if let Some(e) = self.shared() {
+            e.publish(service, &inst);
+        }
+        self.upsert(service, inst)
+    }
+
+    /// `set_state` for an instance this gateway runs itself.
+    pub fn set_state_owned(&self, service: &str, id: &str, state: State) {
+        if let Some(e) = self.shared() {
+            e.publish_state(service, id, state);
+        }
+        self.set_state(service, id, state);
+    }
+
+    /// `remove` for an instance this gateway runs itself.
+    pub fn remove_owned(&self, service: &str, id: &str) -> Option<Instance> {
+        if let Some(e) = self.shared() {
+            e.unpublish(service, id);
+        }
+        self.remove(service, id)
+    }
+
+    /// Deregisters an instance, if `source` registered it.
+    pub fn remove_from(&self, source: Source, service: &str, id: &str) -> Option<Instance> {
+        let owned = {
+            let g = self.services.read().unwrap_or_else(|e| e.into_inner());
+            g.get(service)
+                .and_then(|s| s.get(id))
+                .is_some_and(|i| i.source == source)
+        };
+        if owned {
+            self.remove(service, id)
+        } else {
+            None
         }
     }
 
