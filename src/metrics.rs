@@ -23,6 +23,7 @@ pub struct Metrics {
     pub orchestrator_restarts: IntCounterVec,
     pub aggregate_calls: IntCounterVec,
     pub aggregate_duration: HistogramVec,
+    pub rate_limit_store_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -123,6 +124,15 @@ impl Metrics {
             &["route", "call"],
         )
         .expect("static metric definition");
+        let rate_limit_store_errors = IntCounterVec::new(
+            Opts::new(
+                "portico_rate_limit_store_errors_total",
+                "Requests whose shared rate-limit store (Redis) could not answer, by route and \
+                 the on_store_error fallback applied",
+            ),
+            &["route", "fallback"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -137,6 +147,7 @@ impl Metrics {
             Box::new(orchestrator_restarts.clone()),
             Box::new(aggregate_calls.clone()),
             Box::new(aggregate_duration.clone()),
+            Box::new(rate_limit_store_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -157,6 +168,7 @@ impl Metrics {
             orchestrator_restarts,
             aggregate_calls,
             aggregate_duration,
+            rate_limit_store_errors,
         }
     }
 

@@ -3,7 +3,10 @@
 //! request pins one snapshot for its whole life. Upstreams whose config did not change
 //! are carried over from the previous snapshot as the same `Arc` (health, in-flight
 //! counts and their checker survive), and changed ones keep the state of endpoints
-//! whose address stayed.
+//! whose address stayed. Plugins get the config's shared services (the `redis:`
+//! connection, see [`plugin_services`]); a changed `redis` section makes a new
+//! connection and rebuilds every plugin instance, since any of them may hold the old
+//! one.
 
 use crate::config::model::{self, Config, StripPrefix};
 use crate::router::{self, Table};
@@ -163,6 +166,41 @@ pub struct Snapshot {
     /// Every plugin instance with its scope (`""` for global, else the route name) and
     /// config entry, so the next compile can reuse instances whose settings are equal.
     pub plugin_instances: Vec<(String, serde_yaml::Value, Arc<dyn Plugin>)>,
+    /// What plugins were built with (carried over while `redis` is unchanged).
+    pub services: portico_plugins::services::Services,
+}
+
+/// The shared services plugins are built with. With a runtime, the Redis connection
+/// starts connecting on it in the background; without one (`portico check`) nothing
+/// connects. An unusable URL gives no connection (validation reports it).
+pub fn plugin_services(
+    redis: Option<&model::RedisConfig>,
+    rt: Option<&tokio::runtime::Handle>,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> portico_plugins::services::Services {
+    portico_plugins::services::Services {
+        redis: redis.and_then(|r| {
+            portico_plugins::services::SharedRedis::new(r.plugin_settings(), rt.cloned()).ok()
+        }),
+        events: metrics.map(|m| {
+            Arc::new(PluginEvents {
+                store_errors: m.rate_limit_store_errors.clone(),
+            }) as Arc<dyn portico_plugins::services::Events>
+        }),
+    }
+}
+
+/// Plugin events into the gateway's metrics.
+struct PluginEvents {
+    store_errors: prometheus::IntCounterVec,
+}
+
+impl portico_plugins::services::Events for PluginEvents {
+    fn store_error(&self, _plugin: &'static str, route: &str, fallback: &'static str) {
+        self.store_errors
+            .with_label_values(&[route, fallback])
+            .inc();
+    }
 }
 
 /// Compiles a validated config. `rt` (when serving) runs the health checkers.
@@ -222,11 +260,16 @@ pub fn compile(
     }
     let registry = portico_plugins::Registry::builtin();
     let mut instances: Vec<(String, serde_yaml::Value, Arc<dyn Plugin>)> = vec![];
-    // A plugin whose scope and settings are unchanged keeps its instance (and state,
-    // such as rate-limit buckets) across reloads.
+    let same_services = prev.filter(|p| p.config.redis == cfg.redis);
+    let services = match same_services {
+        Some(p) => p.services.clone(),
+        None => plugin_services(cfg.redis.as_ref(), rt, Some(metrics)),
+    };
+    // A plugin whose scope and settings (and shared services) are unchanged keeps its
+    // instance (and state, such as rate-limit buckets) across reloads.
     let mut instance =
         |scope: &str, entry: &serde_yaml::Value| -> Result<Arc<dyn Plugin>, String> {
-            let reused = prev.and_then(|p| {
+            let reused = same_services.and_then(|p| {
                 p.plugin_instances
                     .iter()
                     .find(|(s, e, _)| s == scope && e == entry)
@@ -234,7 +277,15 @@ pub fn compile(
             });
             let inst = match reused {
                 Some(i) => i,
-                None => registry.build(entry).map_err(|e| e.to_string())?,
+                None => registry
+                    .build_with(
+                        entry,
+                        &portico_plugins::services::BuildEnv {
+                            scope,
+                            services: &services,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?,
             };
             instances.push((scope.to_string(), entry.clone(), Arc::clone(&inst)));
             Ok(inst)
@@ -351,5 +402,6 @@ pub fn compile(
         max_header_bytes: cfg.server.max_header_bytes.0 as usize,
         max_headers: cfg.server.max_headers,
         plugin_instances: instances,
+        services,
     })
 }

@@ -18,6 +18,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod rate_limit;
 pub mod request_size;
+pub mod services;
 pub mod units;
 pub mod util;
 
@@ -347,6 +348,15 @@ pub trait Factory: Send + Sync {
     fn name(&self) -> &'static str;
     /// Checks and compiles settings; the error says what is wrong with them.
     fn build(&self, settings: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, String>;
+    /// Like [`Factory::build`], with the entry's scope and the config's shared
+    /// services; plugins that need neither keep this default.
+    fn build_with(
+        &self,
+        settings: &serde_yaml::Value,
+        _env: &services::BuildEnv<'_>,
+    ) -> Result<Arc<dyn Plugin>, String> {
+        self.build(settings)
+    }
 }
 
 /// Why a plugin entry was refused.
@@ -428,8 +438,24 @@ impl Registry {
         Ok((name, v))
     }
 
-    /// Builds one `- NAME: settings` entry.
+    /// Builds one `- NAME: settings` entry (global scope, no shared services).
     pub fn build(&self, entry: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, EntryError> {
+        let none = services::Services::default();
+        self.build_with(
+            entry,
+            &services::BuildEnv {
+                scope: "",
+                services: &none,
+            },
+        )
+    }
+
+    /// Builds one `- NAME: settings` entry in `env` (its scope and shared services).
+    pub fn build_with(
+        &self,
+        entry: &serde_yaml::Value,
+        env: &services::BuildEnv<'_>,
+    ) -> Result<Arc<dyn Plugin>, EntryError> {
         let (name, settings) = Self::split(entry)?;
         let f = self.factories.get(name).ok_or_else(|| {
             let known = self.names();
@@ -442,15 +468,25 @@ impl Registry {
                 )
             })
         })?;
-        f.build(settings).map_err(|message| EntryError::Settings {
-            plugin: name.to_string(),
-            message,
-        })
+        f.build_with(settings, env)
+            .map_err(|message| EntryError::Settings {
+                plugin: name.to_string(),
+                message,
+            })
     }
 
     /// Checks one entry without keeping the instance.
     pub fn validate(&self, entry: &serde_yaml::Value) -> Result<(), EntryError> {
         self.build(entry).map(|_| ())
+    }
+
+    /// Checks one entry in `env` without keeping the instance.
+    pub fn validate_with(
+        &self,
+        entry: &serde_yaml::Value,
+        env: &services::BuildEnv<'_>,
+    ) -> Result<(), EntryError> {
+        self.build_with(entry, env).map(|_| ())
     }
 }
 

@@ -385,7 +385,7 @@ pub fn load_str(file: &str, text: &str) -> Result<(Config, Positions), Vec<Confi
                         errs.at(key, "`orchestrator` must be a mapping with `deployments`");
                     }
                 }
-                "redis" => cfg.redis = Some(v.clone()),
+                "redis" => cfg.redis = check(v, key, &mut errs),
                 "kubernetes" => {
                     cfg.kubernetes = if v.is_null() {
                         Some(Default::default())

@@ -32,7 +32,7 @@ pub struct Config {
     #[serde(default)]
     pub orchestrator: Option<Orchestrator>,
     #[serde(default)]
-    pub redis: Option<serde_yaml::Value>,
+    pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub kubernetes: Option<Kubernetes>,
 }
@@ -1110,4 +1110,45 @@ pub struct Hedge {
 
 fn default_hedge_max() -> Size {
     Size(4 << 20)
+}
+
+/// The top-level `redis:` section: the Redis that replicas share (used by `rate_limit`
+/// with `store: redis`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://` (TLS) or `redis+unix://`.
+    pub url: String,
+    /// Deadline of one Redis call made for a request; past it the caller's fallback
+    /// applies (`on_store_error`).
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    /// Deadline of one connection attempt (reconnects back off from 100ms to 5s).
+    #[serde(default = "default_redis_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Prepended to every key Portico writes, so fleets can share one Redis.
+    #[serde(default = "default_redis_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_redis_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(25))
+}
+fn default_redis_connect_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(500))
+}
+fn default_redis_key_prefix() -> String {
+    "portico:".into()
+}
+
+impl RedisConfig {
+    /// The settings plugins get (see `portico_plugins::services`).
+    pub fn plugin_settings(&self) -> portico_plugins::services::RedisSettings {
+        portico_plugins::services::RedisSettings {
+            url: self.url.clone(),
+            timeout: self.timeout.0,
+            connect_timeout: self.connect_timeout.0,
+            key_prefix: self.key_prefix.clone(),
+        }
+    }
 }

@@ -289,7 +289,7 @@ pub fn validate(
     }
     for (i, e) in cfg.plugins.iter().enumerate() {
         let p = errs.item("plugins", i);
-        validate_plugin(e, &p, errs);
+        validate_plugin(e, &p, "", cfg, errs);
     }
     if let Some(r) = &cfg.registry {
         match r.backend.as_deref() {
@@ -377,8 +377,18 @@ pub fn validate(
             }
         }
     }
-    if cfg.redis.is_some() {
-        errs.at("redis", "`redis` is not supported by this build yet");
+    if let Some(r) = &cfg.redis {
+        if let Err(e) = portico_plugins::services::SharedRedis::new(r.plugin_settings(), None) {
+            errs.at("redis.url", e.trim_start_matches("url: ").to_string());
+        }
+        for (field, d) in [
+            ("timeout", r.timeout),
+            ("connect_timeout", r.connect_timeout),
+        ] {
+            if d.0.is_zero() {
+                errs.at(&format!("redis.{field}"), "must be longer than 0s");
+            }
+        }
     }
     if let Some(k) = &cfg.kubernetes {
         if !valid_dns_name(&k.ingress_class) {
@@ -655,7 +665,7 @@ fn validate_route(r: &Route, p: &str, cfg: &Config, known: &BTreeSet<String>, er
         }
     }
     for (j, e) in r.plugins.iter().enumerate() {
-        validate_plugin(e, &format!("{p}.plugins[{j}]"), errs);
+        validate_plugin(e, &format!("{p}.plugins[{j}]"), &r.name, cfg, errs);
     }
 }
 
@@ -690,8 +700,21 @@ fn check_header_map(m: &std::collections::BTreeMap<String, String>, p: &str, err
     }
 }
 
-fn validate_plugin(entry: &serde_yaml::Value, p: &str, errs: &mut Errors) {
-    match portico_plugins::Registry::builtin().validate(entry) {
+/// Checks one plugin entry of `scope` (a route's name, `""` for the global list) with
+/// the config's shared services, unconnected.
+fn validate_plugin(
+    entry: &serde_yaml::Value,
+    p: &str,
+    scope: &str,
+    cfg: &Config,
+    errs: &mut Errors,
+) {
+    let services = crate::snapshot::plugin_services(cfg.redis.as_ref(), None, None);
+    let env = portico_plugins::services::BuildEnv {
+        scope,
+        services: &services,
+    };
+    match portico_plugins::Registry::builtin().validate_with(entry, &env) {
         Ok(()) => {}
         Err(portico_plugins::EntryError::Shape(m)) => errs.at(p, m),
         Err(e @ portico_plugins::EntryError::Settings { .. }) => {

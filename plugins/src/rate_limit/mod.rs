@@ -13,8 +13,18 @@
 //! few dozen bytes per key whatever the key's length. Keys idle long enough to be
 //! indistinguishable from a fresh bucket are dropped at most once a second, and the
 //! map never holds more than `max_keys` (default 100,000): at the cap, a new key
-//! evicts the emptiest of a few sampled buckets. `store: redis` (shared limits) is
-//! accepted by the schema but refused until it is implemented.
+//! evicts the emptiest of a few sampled buckets.
+//!
+//! With `store: redis` the bucket lives in Redis and is shared by every replica that
+//! has the same config (see [`redis`] for the script and the lease cache). The Redis
+//! connection is the top-level `redis:` section, handed to the factory in its
+//! [`BuildEnv`](crate::services::BuildEnv). When Redis cannot answer (down,
+//! reconnecting, or slower than `redis.timeout`), `on_store_error` decides: `allow`
+//! lets the request through, `deny` answers 503 with `Retry-After: 1`, and `local`
+//! (the default) decides with this instance's own in-process bucket, so each replica
+//! then enforces the limit on its own (N replicas admit up to N times the limit).
+
+mod redis;
 
 use crate::units::Dur;
 use crate::{Context, Factory, Flow, Plugin, Reply, RequestView};
@@ -62,8 +72,38 @@ struct Settings {
     store: String,
     #[serde(default)]
     on_store_error: Option<String>,
+    /// `store: redis`: most tokens leased from Redis at once for a key well under its
+    /// limit (1 = ask Redis for every request).
+    #[serde(default)]
+    batch: Option<u32>,
     #[serde(default = "default_max_keys")]
     max_keys: usize,
+}
+
+/// What `store: redis` does when Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OnStoreError {
+    Allow,
+    Deny,
+    Local,
+}
+
+/// What the shared store (or its fallback) decided.
+enum Shared {
+    Decided(Verdict),
+    /// `on_store_error: allow`.
+    Pass,
+    /// `on_store_error: deny`.
+    Deny,
+}
+
+/// A decision for one request.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    /// Admitted; `remaining` requests fit now, the bucket is full again in `reset`.
+    Allow { remaining: u32, reset: Duration },
+    /// Refused; one request fits in `retry`, the bucket is full again in `reset`.
+    Limit { retry: Duration, reset: Duration },
 }
 
 enum Key {
@@ -174,6 +214,12 @@ type Limiter = RateLimiter<u64, Store, MonotonicClock, StateInformationMiddlewar
 
 /// The `rate_limit` plugin instance.
 pub struct RateLimit {
+    /// The shared bucket (`store: redis`).
+    remote: Option<redis::Remote>,
+    on_store_error: OnStoreError,
+    /// Where store errors are reported (metrics).
+    events: Option<Arc<dyn crate::services::Events>>,
+    /// The in-process buckets (`store: local`, and `on_store_error: local`).
     limiter: Limiter,
     clock: MonotonicClock,
     key: Key,
@@ -193,9 +239,28 @@ impl Factory for RateLimitFactory {
         "rate_limit"
     }
     fn build(&self, settings: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, String> {
-        Ok(Arc::new(RateLimit::new(crate::settings(settings)?)?))
+        let none = crate::services::Services::default();
+        self.build_with(
+            settings,
+            &crate::services::BuildEnv {
+                scope: "",
+                services: &none,
+            },
+        )
+    }
+    fn build_with(
+        &self,
+        settings: &serde_yaml::Value,
+        env: &crate::services::BuildEnv<'_>,
+    ) -> Result<Arc<dyn Plugin>, String> {
+        Ok(Arc::new(RateLimit::new(crate::settings(settings)?, env)?))
     }
 }
+
+/// The lease cache's default batch (`batch`).
+const DEFAULT_BATCH: u32 = 10;
+/// The longest a leased token stays good (and never longer than `per`).
+const LEASE_HOLD: Duration = Duration::from_secs(1);
 
 fn parse_key(s: &str) -> Result<Key, String> {
     Ok(match s {
@@ -225,22 +290,35 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 impl RateLimit {
-    fn new(s: Settings) -> Result<RateLimit, String> {
-        match s.store.as_str() {
-            "local" => {}
-            "redis" => {
-                return Err(
-                    "store: redis (limits shared by replicas) is not supported by this build yet; \
-                     use store: local"
-                        .into(),
-                )
-            }
+    fn new(s: Settings, env: &crate::services::BuildEnv<'_>) -> Result<RateLimit, String> {
+        let shared = match s.store.as_str() {
+            "local" => None,
+            "redis" => Some(env.services.redis.clone().ok_or(
+                "store: redis needs a valid top-level `redis` section (redis: { url: redis://HOST:PORT })",
+            )?),
             other => return Err(format!("store: {other:?} is not one of local, redis")),
+        };
+        let on_store_error = match (s.on_store_error.as_deref(), &shared) {
+            (Some(o), None) => {
+                return Err(format!(
+                    "on_store_error: {o:?} applies to store: redis only (this limit is local)"
+                ))
+            }
+            (None | Some("local"), _) => OnStoreError::Local,
+            (Some("allow"), _) => OnStoreError::Allow,
+            (Some("deny"), _) => OnStoreError::Deny,
+            (Some(o), _) => {
+                return Err(format!(
+                    "on_store_error: {o:?} is not one of allow, deny, local"
+                ))
+            }
+        };
+        if s.batch.is_some() && shared.is_none() {
+            return Err("batch: applies to store: redis only (this limit is local)".into());
         }
-        if let Some(o) = &s.on_store_error {
-            return Err(format!(
-                "on_store_error ({o}) applies to store: redis, which this build does not support yet"
-            ));
+        let batch = s.batch.unwrap_or(DEFAULT_BATCH);
+        if batch == 0 {
+            return Err("batch: must be at least 1".into());
         }
         if s.requests == 0 {
             return Err("requests: must be at least 1".into());
@@ -264,7 +342,29 @@ impl RateLimit {
             clock.clone(),
         )
         .with_middleware::<StateInformationMiddleware>();
+        let remote = shared.map(|r| {
+            let id = format!(
+                "{}\0{}\0{}\0{}\0{}",
+                env.scope,
+                s.requests,
+                s.per.0.as_nanos(),
+                burst,
+                s.key
+            );
+            redis::Remote::new(
+                r,
+                &id,
+                interval,
+                burst,
+                batch,
+                LEASE_HOLD.min(s.per.0),
+                s.max_keys,
+            )
+        });
         Ok(RateLimit {
+            remote,
+            on_store_error,
+            events: env.services.events.clone(),
             limiter,
             clock,
             key: parse_key(&s.key)?,
@@ -277,9 +377,13 @@ impl RateLimit {
         })
     }
 
-    /// The digest of this request's key.
-    fn key_of(&self, req: &RequestView<'_>, ctx: &Context) -> u64 {
-        let mut h = self.hasher.build_hasher();
+    /// This request's key: a tag (1: the configured key, 2: the client IP fallback,
+    /// a separate key space) and its bytes.
+    fn raw_key<'r>(
+        &self,
+        req: &'r RequestView<'_>,
+        ctx: &'r Context,
+    ) -> (u8, std::borrow::Cow<'r, [u8]>) {
         let found: Option<std::borrow::Cow<'_, [u8]>> = match &self.key {
             Key::ClientIp => None,
             Key::Header(n) => req.headers.get(n).map(|v| v.as_bytes().into()),
@@ -289,27 +393,27 @@ impl RateLimit {
                 .and_then(|cl| cl.get(c))
                 .and_then(|v| match v {
                     serde_json::Value::Null => None,
-                    serde_json::Value::String(s) => Some(s.as_bytes().to_vec().into()),
+                    serde_json::Value::String(s) => Some(s.as_bytes().into()),
                     other => Some(other.to_string().into_bytes().into()),
                 }),
             Key::Consumer => ctx.consumer.as_deref().map(|c| c.as_bytes().into()),
             Key::Route => Some(ctx.route.as_bytes().into()),
         };
         match found {
-            Some(k) => {
-                h.write_u8(1);
-                h.write(&k);
-            }
-            None => {
-                // The fallback key space is separate from the configured one.
-                h.write_u8(2);
-                match ctx.client_ip {
-                    Some(std::net::IpAddr::V4(a)) => h.write(&a.octets()),
-                    Some(std::net::IpAddr::V6(a)) => h.write(&a.octets()),
-                    None => h.write_u8(0),
-                }
-            }
+            Some(k) => (1, k),
+            None => match ctx.client_ip {
+                Some(std::net::IpAddr::V4(a)) => (2, a.octets().to_vec().into()),
+                Some(std::net::IpAddr::V6(a)) => (2, a.octets().to_vec().into()),
+                None => (2, std::borrow::Cow::Borrowed(&[0u8][..])),
+            },
         }
+    }
+
+    /// The digest of a key from [`RateLimit::raw_key`].
+    fn digest(&self, tag: u8, key: &[u8]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write_u8(tag);
+        h.write(key);
         h.finish()
     }
 
@@ -325,6 +429,9 @@ impl RateLimit {
             .is_ok()
         {
             self.limiter.retain_recent();
+            if let Some(r) = &self.remote {
+                r.cache.expire(Instant::now());
+            }
         }
     }
 
@@ -337,6 +444,50 @@ impl RateLimit {
                 Ok((remaining, reset))
             }
             Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    /// Decides with the in-process buckets.
+    fn decide_local(&self, key: u64) -> Verdict {
+        match self.decide(key) {
+            Ok((remaining, reset)) => Verdict::Allow { remaining, reset },
+            // Full again once the wait is over and the rest of the bucket refills.
+            Err(wait) => Verdict::Limit {
+                retry: wait,
+                reset: wait + self.interval * (self.burst - 1),
+            },
+        }
+    }
+
+    /// Decides with the shared bucket, or as `on_store_error` says when Redis cannot
+    /// answer: `None` lets the request through without a decision (`allow`), a `Limit`
+    /// of zero means deny (`deny`).
+    async fn decide_shared(
+        &self,
+        remote: &redis::Remote,
+        digest: u64,
+        tag: u8,
+        raw: &[u8],
+        route: &str,
+    ) -> Shared {
+        match remote.decide(digest, || remote.redis_key(tag, raw)).await {
+            Ok(v) => Shared::Decided(v),
+            Err(e) => {
+                log::debug!("rate_limit: {e}; on_store_error: {:?}", self.on_store_error);
+                if let Some(ev) = &self.events {
+                    let fallback = match self.on_store_error {
+                        OnStoreError::Allow => "allow",
+                        OnStoreError::Deny => "deny",
+                        OnStoreError::Local => "local",
+                    };
+                    ev.store_error("rate_limit", route, fallback);
+                }
+                match self.on_store_error {
+                    OnStoreError::Allow => Shared::Pass,
+                    OnStoreError::Local => Shared::Decided(self.decide_local(digest)),
+                    OnStoreError::Deny => Shared::Deny,
+                }
+            }
         }
     }
 
@@ -354,13 +505,35 @@ impl Plugin for RateLimit {
 
     async fn on_request(&self, req: &mut RequestView<'_>, ctx: &mut Context) -> Flow {
         self.housekeeping();
-        let key = self.key_of(req, ctx);
+        let (tag, raw) = self.raw_key(req, ctx);
+        let digest = self.digest(tag, &raw);
+        let verdict = match &self.remote {
+            None => self.decide_local(digest),
+            Some(remote) => match self
+                .decide_shared(remote, digest, tag, &raw, &ctx.route)
+                .await
+            {
+                Shared::Decided(v) => v,
+                Shared::Pass => return Flow::Continue,
+                Shared::Deny => {
+                    return Flow::Respond(
+                        Reply::error(
+                            503,
+                            "rate_limit_unavailable",
+                            "the shared rate-limit store cannot answer",
+                            ctx,
+                        )
+                        .with_header("retry-after", "1"),
+                    )
+                }
+            },
+        };
         let limit = (
             http::HeaderName::from_static("ratelimit-limit"),
             self.limit_value.clone(),
         );
-        match self.decide(key) {
-            Ok((remaining, reset)) => {
+        match verdict {
+            Verdict::Allow { remaining, reset } => {
                 ctx.response_headers.push(limit);
                 ctx.response_headers.push((
                     http::HeaderName::from_static("ratelimit-remaining"),
@@ -372,10 +545,8 @@ impl Plugin for RateLimit {
                 ));
                 Flow::Continue
             }
-            Err(wait) => {
-                let retry = ceil_secs(wait).max(1);
-                // Full again once the wait is over and the rest of the bucket refills.
-                let reset = ceil_secs(wait + self.interval * (self.burst - 1));
+            Verdict::Limit { retry, reset } => {
+                let retry = ceil_secs(retry).max(1);
                 ctx.response_headers.push(limit);
                 ctx.response_headers.push((
                     http::HeaderName::from_static("ratelimit-remaining"),
@@ -383,7 +554,7 @@ impl Plugin for RateLimit {
                 ));
                 ctx.response_headers.push((
                     http::HeaderName::from_static("ratelimit-reset"),
-                    http::HeaderValue::from(reset.max(retry)),
+                    http::HeaderValue::from(ceil_secs(reset).max(retry)),
                 ));
                 Flow::Respond(
                     Reply::error(429, "rate_limited", "too many requests", ctx)
@@ -400,7 +571,135 @@ mod tests {
     use crate::testutil::*;
 
     fn limiter(yaml: &str) -> RateLimit {
-        RateLimit::new(crate::settings(&serde_yaml::from_str(yaml).unwrap()).unwrap()).unwrap()
+        let none = crate::services::Services::default();
+        let env = crate::services::BuildEnv {
+            scope: "",
+            services: &none,
+        };
+        RateLimit::new(
+            crate::settings(&serde_yaml::from_str(yaml).unwrap()).unwrap(),
+            &env,
+        )
+        .unwrap()
+    }
+
+    /// Services whose Redis never connects (no runtime): every call is a store error.
+    fn unreachable_redis() -> (crate::services::Services, Arc<Recorded>) {
+        let settings = crate::services::RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            timeout: Duration::from_millis(25),
+            connect_timeout: Duration::from_millis(100),
+            key_prefix: "portico:".into(),
+        };
+        let events = Arc::new(Recorded::default());
+        let services = crate::services::Services {
+            redis: Some(crate::services::SharedRedis::new(settings, None).unwrap()),
+            events: Some(Arc::clone(&events) as Arc<dyn crate::services::Events>),
+        };
+        (services, events)
+    }
+
+    /// Records store errors as the gateway's metrics would count them.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<String>>);
+    impl crate::services::Events for Recorded {
+        fn store_error(&self, plugin: &'static str, route: &str, fallback: &'static str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{plugin} {route} {fallback}"));
+        }
+    }
+
+    fn build_in(
+        yaml: &str,
+        services: &crate::services::Services,
+    ) -> Result<Arc<dyn Plugin>, String> {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        crate::Registry::builtin()
+            .build_with(
+                &v,
+                &crate::services::BuildEnv {
+                    scope: "r",
+                    services,
+                },
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn redis_settings() {
+        let none = crate::services::Services::default();
+        let e = build_in("rate_limit: { requests: 1, per: 1s, store: redis }", &none)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("store: redis needs a valid top-level `redis` section"),
+            "{e}"
+        );
+        let (redis, _) = unreachable_redis();
+        assert!(build_in("rate_limit: { requests: 1, per: 1s, store: redis }", &redis).is_ok());
+        for ok in ["allow", "deny", "local"] {
+            let y = format!(
+                "rate_limit: {{ requests: 1, per: 1s, store: redis, on_store_error: {ok}, batch: 4 }}"
+            );
+            assert!(build_in(&y, &redis).is_ok(), "{ok}");
+        }
+        let e = |y: &str| build_in(y, &redis).err().unwrap();
+        assert!(
+            e("rate_limit: { requests: 1, per: 1s, store: redis, on_store_error: drop }")
+                .contains("not one of allow, deny, local")
+        );
+        assert!(
+            e("rate_limit: { requests: 1, per: 1s, store: redis, batch: 0 }")
+                .contains("batch: must be at least 1")
+        );
+        assert!(
+            e("rate_limit: { requests: 1, per: 1s, on_store_error: allow }")
+                .contains("store: redis only")
+        );
+        assert!(e("rate_limit: { requests: 1, per: 1s, batch: 3 }").contains("store: redis only"));
+    }
+
+    #[tokio::test]
+    async fn on_store_error_behaviours() {
+        let (redis, events) = unreachable_redis();
+        let r = Req::get("/");
+        // allow: through, without a decision's headers.
+        let p = build_in(
+            "rate_limit: { requests: 1, per: 1m, store: redis, on_store_error: allow }",
+            &redis,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let mut c = ctx();
+            assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+            assert_eq!(ctx_header(&c, "ratelimit-limit"), None);
+        }
+        // deny: 503 with Retry-After.
+        let p = build_in(
+            "rate_limit: { requests: 1, per: 1m, store: redis, on_store_error: deny }",
+            &redis,
+        )
+        .unwrap();
+        let rep = reply(request(&*p, &r, &mut ctx()).await.0);
+        assert_eq!(rep.status, 503);
+        assert_eq!(reply_header(&rep, "retry-after"), Some("1"));
+        assert!(String::from_utf8_lossy(&rep.body).contains("rate_limit_unavailable"));
+        // local (the default): this process's own bucket.
+        let p = build_in("rate_limit: { requests: 2, per: 1m, store: redis }", &redis).unwrap();
+        for _ in 0..2 {
+            let mut c = ctx();
+            assert!(matches!(request(&*p, &r, &mut c).await.0, Flow::Continue));
+            assert_eq!(ctx_header(&c, "ratelimit-limit").as_deref(), Some("2"));
+        }
+        assert_eq!(reply(request(&*p, &r, &mut ctx()).await.0).status, 429);
+        // Every store error was reported, with the fallback applied.
+        let seen = events.0.lock().unwrap().clone();
+        let count = |f: &str| seen.iter().filter(|s| *s == f).count();
+        assert_eq!(count("rate_limit r allow"), 3, "{seen:?}");
+        assert_eq!(count("rate_limit r deny"), 1, "{seen:?}");
+        assert_eq!(count("rate_limit r local"), 3, "{seen:?}");
     }
 
     #[tokio::test]
@@ -571,7 +870,7 @@ mod tests {
         assert!(e("rate_limit: { requests: 1, per: 0s }").contains("longer"));
         assert!(e("rate_limit: { requests: 1, per: 1s, burst: 0 }").contains("burst"));
         assert!(e("rate_limit: { requests: 1, per: 1s, key: ip }").contains("not one of"));
-        assert!(e("rate_limit: { requests: 1, per: 1s, store: redis }").contains("not supported"));
+        assert!(e("rate_limit: { requests: 1, per: 1s, store: redis }").contains("top-level"));
         assert!(
             e("rate_limit: { requests: 1, per: 1s, on_store_error: allow }")
                 .contains("store: redis")
