@@ -14,6 +14,9 @@ registry service `app`. Checked:
     propagates again;
 (d) an orchestrator deployment in one gateway: its replicas are routed by the other two;
     kill -9 of that gateway: they leave the others' routing after the lease TTL;
+(e) one gateway cut off from etcd (through a TCP relay) while the others change the
+    registry: it keeps its last known instances, logs the outage once, and on
+    reconnection re-lists and applies the difference;
 plus `portico check` errors for the `registry.etcd` section.
 
 Measured propagation times (registration through one gateway -> routed by another) are
@@ -26,6 +29,8 @@ import http.client
 import json
 import shutil
 import signal
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -161,14 +166,17 @@ def fleet_config(etcd: EtcdServer, prefix: str) -> dict:
     }
 
 
-def start_fleet(procs, etcd, extra=None, exe=None) -> list[Node]:
-    """Three gateways with the same config; `extra[i]` adds keys to gateway i's config and
-    `exe[i]` runs gateway i from another binary path."""
+def start_fleet(procs, etcd, extra=None, exe=None, endpoint=None) -> list[Node]:
+    """Three gateways with the same config; `extra[i]` adds keys to gateway i's config,
+    `exe[i]` runs gateway i from another binary path and `endpoint[i]` gives it another
+    etcd endpoint (a proxy)."""
     prefix = f"/portico-test-{uuid.uuid4().hex[:8]}"
     nodes = []
     for i, host in enumerate(HOSTS):
         cfg = fleet_config(etcd, prefix)
         cfg.update((extra or {}).get(i, {}))
+        if i in (endpoint or {}):
+            cfg["registry"]["etcd"]["endpoints"] = [endpoint[i]]
         gw = procs.gateway(cfg, name=f"gw{i + 1}", start=False)
         gw.write_config({**cfg, "listeners": [{"name": "web", "bind": f"{host}:{gw.port}"}]})
         binary = (exe or {}).get(i, PORTICO_BIN)
@@ -393,6 +401,121 @@ def test_orchestrated_replicas_shared_and_gone_after_owner_dies(procs, etcd, exe
     assert gone_after > LEASE_TTL - 1.5, f"gone after {gone_after:.2f}s: earlier than the lease could lapse"
     for n in others:
         assert n.served_by() is None, f"{n.label} still routes somewhere"
+
+
+# --------------------------------------------------------------------------- (e)
+
+class TcpProxy:
+    """A TCP relay to etcd that can be cut (connections reset, port refusing) and restored."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, s):
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+            except OSError:
+                c.close()
+                continue
+            u.settimeout(None)
+            with self.lock:
+                self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for x in (src, dst):
+            try:
+                x.close()
+            except OSError:
+                pass
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for x in socks:
+            try:
+                x.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                x.close()
+            except OSError:
+                pass
+
+
+def test_one_gateway_cut_off_keeps_last_known_then_resyncs_by_diff(procs, etcd):
+    """gw3 alone loses etcd while the others change the registry: it keeps its last
+    known instances, logs the outage once, and on reconnection re-lists and applies the
+    difference (an instance deleted meanwhile leaves, one added meanwhile arrives)."""
+    proxy = TcpProxy(etcd.client_port)
+    procs.extra_cleanup.append(proxy.cut)
+    nodes = start_fleet(procs, etcd, endpoint={2: f"127.0.0.1:{proxy.port}"})
+    cut_off = nodes[2]
+    old, new, stay = procs.backends("old", "new", "stay")
+    t0 = time.monotonic()
+    assert nodes[0].register("old", old.address)[0] == 200
+    assert nodes[0].register("stay", stay.address)[0] == 200
+    wait_routed_everywhere(nodes, old.served_by, 1.0, t0)
+    wait_routed_everywhere(nodes, stay.served_by, 1.0, t0)
+
+    proxy.cut()
+    # gw3 notices and answers writes with 503; the others still take them.
+    wait_until(lambda: cut_off.register("probe", stay.address)[0] == 503, 5.0, interval=0.2,
+               what="gw3 to refuse writes while cut off")
+    assert nodes[0].admin("DELETE", "/registry/services/app/instances/old")[0] == 200
+    assert nodes[1].register("new", new.address)[0] == 200
+    t_change = time.monotonic()
+    wait_gone_everywhere(nodes[:2], old.served_by, 1.0, t_change)
+    wait_routed_everywhere(nodes[:2], new.served_by, 1.0, t_change)
+    # Several reconnection attempts fail meanwhile; gw3 keeps what it knew.
+    time.sleep(3.0)
+    ids = sorted(i["id"] for i in cut_off.instances())
+    assert ids == ["old", "stay"], f"gw3 while cut off lists {ids}"
+    seen = spread([cut_off], 12)[cut_off.label]
+    assert set(seen) == {old.served_by, stay.served_by}, f"gw3 answered from {seen}"
+
+    proxy.restore()
+    t_back = time.monotonic()
+    wait_until(lambda: sorted(i["id"] for i in cut_off.instances()) == ["new", "stay"], 5.0,
+               interval=0.05, what="gw3 to re-list and apply the difference")
+    print(f"\n[measure] gw3 resynced {1000 * (time.monotonic() - t_back):.0f} ms after etcd became "
+          f"reachable again")
+    seen = spread([cut_off], 12)[cut_off.label]
+    assert set(seen) == {new.served_by, stay.served_by}, f"gw3 answered from {seen}"
+    # One line per state change, not one per failed attempt.
+    log = cut_off.gw.log_path.read_text()
+    assert log.count("etcd registry: unreachable") == 1, cut_off.gw.log_tail(40)
+    assert log.count("etcd registry: connected") == 2, cut_off.gw.log_tail(40)
 
 
 # --------------------------------------------------------------------------- config
