@@ -307,15 +307,15 @@ def test_ttl_is_a_lease_heartbeats_through_any_gateway(procs, etcd):
         n = nodes[1 + k % 2]
         status, body = n.admin("PUT", "/registry/services/app/instances/t1/heartbeat", body=b"")
         assert (status, body) == (200, {"status": "renewed"}), f"heartbeat via {n.label}: {status} {body}"
+        last = time.monotonic()
         k += 1
         time.sleep(0.5)
     for n in nodes:
         assert n.served_by() == b.served_by, f"{n.label} lost t1 although it was kept alive"
     # Heartbeats stop: gone from all after the TTL (etcd checks leases every 500 ms).
-    last = time.monotonic()
     delays = wait_gone_everywhere(nodes, b.served_by, 5.0, last)
     report("t1 (ttl 2s) after its last heartbeat -> gone", delays)
-    assert min(delays.values()) > 1.0, f"t1 left before its TTL: {delays}"
+    assert min(delays.values()) > 1.5, f"t1 left before its TTL: {delays}"
     status, body = nodes[2].admin("PUT", "/registry/services/app/instances/t1/heartbeat", body=b"")
     assert status == 404 and body["error"] == "not_found", (status, body)
 
@@ -508,8 +508,12 @@ def test_one_gateway_cut_off_keeps_last_known_then_resyncs_by_diff(procs, etcd):
     t_back = time.monotonic()
     wait_until(lambda: sorted(i["id"] for i in cut_off.instances()) == ["new", "stay"], 5.0,
                interval=0.05, what="gw3 to re-list and apply the difference")
-    print(f"\n[measure] gw3 resynced {1000 * (time.monotonic() - t_back):.0f} ms after etcd became "
-          f"reachable again")
+    # Routing follows the registry within 1 s.
+    t_listed = time.monotonic()
+    wait_gone_everywhere([cut_off], old.served_by, 1.0, t_listed)
+    wait_routed_everywhere([cut_off], new.served_by, 1.0, t_listed)
+    print(f"\n[measure] gw3 resynced (registry and routing) {1000 * (time.monotonic() - t_back):.0f} ms "
+          f"after etcd became reachable again")
     seen = spread([cut_off], 12)[cut_off.label]
     assert set(seen) == {new.served_by, stay.served_by}, f"gw3 answered from {seen}"
     # One line per state change, not one per failed attempt.
