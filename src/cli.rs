@@ -42,6 +42,16 @@ enum Cmd {
     },
     /// Validate a config file without serving; prints every error as FILE:LINE:COL.
     Check,
+    /// Kubernetes ingress mode on manifests: serves the Ingress, IngressClass, Service,
+    /// EndpointSlice, Secret (and Gateway API Gateway, HTTPRoute) objects found in the
+    /// *.yaml, *.yml and *.json files of DIR, re-read when they change. The config file
+    /// (-c) gives listeners, admin and defaults, as in cluster mode; its `kubernetes:`
+    /// section picks the ingress class (default `portico`).
+    Ingress {
+        /// Folder of manifests (multi-document YAML and `kind: List` are read).
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+    },
     /// Explain which route a request would take, and why.
     Routes {
         /// Request method, e.g. GET.
@@ -106,6 +116,7 @@ pub fn main() -> i32 {
         .unwrap_or_else(|| PathBuf::from("config/portico.yaml"));
     match cli.cmd.unwrap_or(Cmd::Run { upgrade: false }) {
         Cmd::Run { upgrade } => crate::server::run(cfg_path, upgrade),
+        Cmd::Ingress { manifests } => crate::server::run_with(cfg_path, false, Some(manifests)),
         Cmd::Check => check(&cfg_path),
         Cmd::Routes {
             method,

@@ -134,6 +134,12 @@ fn mark_ready_when_bound(gw: Arc<Gateway>, addrs: Vec<String>) {
 
 /// Runs the gateway with `path`; returns the exit code.
 pub fn run(path: PathBuf, upgrade: bool) -> i32 {
+    run_with(path, upgrade, None)
+}
+
+/// Runs the gateway; with `manifests`, in ingress mode on the manifests of that folder
+/// (`portico ingress`). Returns the exit code.
+pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32 {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
@@ -266,9 +272,15 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
         );
         let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4);
         if let Some(t) = &l.tls {
-            match crate::tls::settings(&l.name, t, l.http2) {
+            // Ingress mode: certificates may all come from TLS Secrets.
+            let ingress = cfg.kubernetes.is_some() || manifests.is_some();
+            match crate::tls::settings_with(&l.name, t, l.http2, ingress) {
                 Ok((settings, sni)) => {
                     lc = lc.tls(settings);
+                    gw.tls
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Arc::clone(&sni));
                     watched_certs.push((sni, t.clone()));
                 }
                 Err(e) => {
@@ -317,6 +329,13 @@ pub fn run(path: PathBuf, upgrade: bool) -> i32 {
         );
         if let Ok(mut g) = gw.orchestrator.lock() {
             *g = Some(o);
+        }
+    }
+    if cfg.kubernetes.is_some() || manifests.is_some() {
+        // Ingress controller mode: routing comes from the cluster (or manifests).
+        if let Err(e) = crate::kubernetes::start(&gw, cfg.clone(), manifests.clone()) {
+            eprintln!("{}: kubernetes: {e}", path.display());
+            return 2;
         }
     }
     mark_ready_when_bound(Arc::clone(&gw), addrs);

@@ -339,16 +339,8 @@ ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
 ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
 /// Builds the TLS settings of a listener; also returns its resolver for reloads.
-pub fn settings(
-    name: &str,
-    tls: &ListenerTls,
-    http2: bool,
-) -> Result<(TlsSettings, Arc<Sni>), String> {
-    settings_with(name, tls, http2, false)
-}
-
-/// `settings`, optionally without any certificate file (ingress mode: the
-/// certificates come from TLS Secrets through `Sni::set_memory`).
+/// `allow_no_files`: the listener may start without any certificate file (ingress
+/// mode: the certificates come from TLS Secrets through `Sni::set_memory`).
 pub fn settings_with(
     name: &str,
     tls: &ListenerTls,

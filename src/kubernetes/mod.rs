@@ -116,6 +116,17 @@ impl Controller {
         Ok(version)
     }
 
+    /// The base config's file-watch debounce (manifest mode watches its folder alike).
+    pub fn debounce(&self) -> std::time::Duration {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .base
+            .server
+            .watch_debounce
+            .0
+    }
+
     /// The objects rejected by the last translation: `kind ns/name` -> reason.
     pub fn rejected(&self) -> BTreeMap<String, String> {
         self.inner

@@ -112,9 +112,7 @@ impl Object {
             }
         };
         match (api_version.as_str(), kind.as_str()) {
-            ("networking.k8s.io/v1", "Ingress") => {
-                parse(v, &kind, &name).map(Object::Ingress)
-            }
+            ("networking.k8s.io/v1", "Ingress") => parse(v, &kind, &name).map(Object::Ingress),
             ("networking.k8s.io/v1", "IngressClass") => {
                 parse(v, &kind, &name).map(Object::IngressClass)
             }
@@ -127,14 +125,13 @@ impl Object {
                 parse(v, &kind, &name).map(Object::GatewayClass)
             }
             (GATEWAY_API_VERSION, "Gateway") => parse(v, &kind, &name).map(Object::Gateway),
-            (GATEWAY_API_VERSION, "HTTPRoute") => {
-                parse(v, &kind, &name).map(Object::HttpRoute)
-            }
+            (GATEWAY_API_VERSION, "HTTPRoute") => parse(v, &kind, &name).map(Object::HttpRoute),
             _ => Err(ObjectError::Unsupported { api_version, kind }),
         }
     }
 
     /// Parses one YAML document (see `from_json`).
+    #[allow(dead_code)] // for callers holding one document (tests, tools)
     pub fn from_yaml(text: &str) -> Result<Object, ObjectError> {
         let v: serde_json::Value =
             serde_yaml::from_str(text).map_err(|e| ObjectError::Invalid {
@@ -146,6 +143,7 @@ impl Object {
     }
 
     /// The kind as the API spells it (`Ingress`, `HTTPRoute`, ...).
+    #[allow(dead_code)] // the name `ClusterState::remove` takes
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Ingress(_) => "Ingress",
@@ -235,6 +233,7 @@ impl ClusterState {
     }
 
     /// True when no object is held.
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -290,6 +289,22 @@ pub struct GatewayListener {
     pub port: Option<i32>,
     #[serde(default)]
     pub protocol: Option<String>,
+    #[serde(default)]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// Which routes may attach to a listener.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct AllowedRoutes {
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+/// `from: Same` (the default), `All` or `Selector` (treated as `Same`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct RouteNamespaces {
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 /// An HTTPRoute.
