@@ -380,7 +380,9 @@ impl ServeHttp for Admin {
             ("GET", "/readyz") => {
                 if self.gw.draining.load(Ordering::Relaxed) {
                     reply(503, json!({"status": "draining"}))
-                } else if !self.gw.ready.load(Ordering::Relaxed) {
+                } else if !self.gw.ready.load(Ordering::Relaxed)
+                    || !self.gw.sources_synced.load(Ordering::Relaxed)
+                {
                     reply(503, json!({"status": "starting"}))
                 } else {
                     reply(200, json!({"status": "ready", "version": snap.version}))

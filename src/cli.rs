@@ -94,7 +94,8 @@ enum Cmd {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn,portico=info",
+        // The Kubernetes client logs every failed retry; the watchers log state changes.
+        0 => "warn,portico=info,kube_client=off,kube_runtime=off",
         1 => "info",
         2 => "debug",
         _ => "trace",

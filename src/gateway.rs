@@ -30,6 +30,9 @@ pub struct Gateway {
     /// Set at SIGTERM: `/readyz` answers 503 and new connections are not kept alive.
     pub draining: AtomicBool,
     pub ready: AtomicBool,
+    /// False while a source routing depends on has not delivered its first full state
+    /// (the Kubernetes API in cluster mode): `/readyz` answers 503 until then.
+    pub sources_synced: AtomicBool,
     /// Hash of the file text last applied (the watcher skips identical rewrites).
     last_text_hash: AtomicU64,
     reload_lock: Mutex<()>,
@@ -157,6 +160,7 @@ impl Gateway {
             last_error: Mutex::new(None),
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            sources_synced: AtomicBool::new(true),
             last_text_hash: AtomicU64::new(text_hash(text)),
             reload_lock: Mutex::new(()),
             bg,

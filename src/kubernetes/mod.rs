@@ -12,7 +12,9 @@
 
 pub mod manifests;
 pub mod objects;
+pub mod status;
 pub mod translate;
+pub mod watch;
 
 use crate::config::model::{Config, Kubernetes};
 use crate::gateway::Gateway;
@@ -148,7 +150,7 @@ pub fn start(
     let ctl = Controller::new(Arc::clone(gw), base, settings.clone());
     match manifests {
         Some(dir) => manifests::start(Arc::clone(&ctl), dir)?,
-        None => return Err("watching a cluster is not supported by this build yet".into()),
+        None => watch::run(gw, Arc::clone(&ctl), &settings)?,
     }
     Ok(ctl)
 }

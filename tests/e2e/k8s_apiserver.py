@@ -27,6 +27,8 @@ Test controls are Python methods: ``put``, ``delete``, ``compact`` (drop history
 every open connection) and ``restart`` (same port; ``fresh_history`` renumbers every
 object from a new, unrelated resourceVersion sequence so old versions are Gone), and
 ``gateway_api=False`` to answer 404 for the Gateway API resources (CRDs not installed).
+Another process drives it with ``POST /_control/put`` (an object), ``/_control/delete``
+(``{kind, namespace, name}``) and ``/_control/compact``.
 
 Run as a script (``python3 k8s_apiserver.py --port N --load objects.json``) it serves
 the objects of a JSON list until killed (used by bench/k8s).
@@ -451,6 +453,26 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def do_POST(self):
+        """Script-mode controls: POST /_control/put (an object), /_control/delete
+        ({kind, namespace, name}), /_control/compact."""
+        api = self.server.api
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            arg = json.loads(body) if body.strip() else {}
+        except ValueError as e:
+            return self._send_json(400, _status(400, "BadRequest", f"bad JSON: {e}"))
+        path = urlsplit(self.path).path
+        if path == "/_control/put":
+            return self._send_json(200, api.put(arg))
+        if path == "/_control/delete":
+            ok = api.delete(arg["kind"], arg.get("namespace", ""), arg["name"])
+            return self._send_json(200 if ok else 404, {"deleted": ok})
+        if path == "/_control/compact":
+            api.compact()
+            return self._send_json(200, {"compacted": api.store.rv})
+        return self._send_json(404, _status(404, "NotFound", "no such control"))
+
     def do_PATCH(self):
         route = self._common()
         if route is None:
@@ -603,6 +625,7 @@ def main() -> None:
         with open(args.load) as f:
             for obj in json.load(f):
                 api.put(obj)
+        api.compact(expire_watches=False)  # the loading is not history anyone watches
     api.start()
     print(f"listening on {api.url} with {len(api.store.objects)} objects", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
