@@ -12,9 +12,12 @@
 //! uses Redis. It never makes a request wait for a connection: while it is down, calls
 //! fail at once (the caller applies its fallback) and a single background task
 //! reconnects with exponential backoff (first try at once, then 100 ms doubling up to
-//! 5 s). Each call has a short deadline (`redis.timeout`, 25 ms by default); a call
-//! that fails or times out marks the connection down, so a hung Redis costs at most
-//! one deadline per request in flight at that moment, not one per request after it.
+//! 5 s). Each call has a short deadline (`redis.timeout`, 25 ms by default). A call
+//! that fails on the connection (I/O, protocol) marks it down at once; calls that run
+//! past the deadline do after three in a row (one slow answer on a busy machine is not
+//! a dead Redis, and reconnecting costs more than waiting), so a hung Redis costs at
+//! most three deadlines plus one per request in flight at that moment, not one per
+//! request after it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -87,7 +90,12 @@ pub struct SharedRedis {
     reconnecting: std::sync::atomic::AtomicBool,
     generation: AtomicU64,
     errors: AtomicU64,
+    /// Calls in a row that ran past the deadline.
+    timeouts: std::sync::atomic::AtomicU32,
 }
+
+/// Calls in a row past the deadline that mark the connection down.
+const TIMEOUTS_TO_DOWN: u32 = 3;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -109,6 +117,7 @@ impl SharedRedis {
             reconnecting: std::sync::atomic::AtomicBool::new(false),
             generation: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            timeouts: std::sync::atomic::AtomicU32::new(0),
         });
         r.reconnect();
         Ok(r)
@@ -253,7 +262,11 @@ impl SharedRedis {
             Conn::Up(c, g) => (c.clone(), *g),
             Conn::Down => return Err((StoreError::Down, false)),
         };
-        match tokio::time::timeout(self.settings.timeout, cmd.query_async::<T>(&mut conn)).await {
+        let r = tokio::time::timeout(self.settings.timeout, cmd.query_async::<T>(&mut conn)).await;
+        if r.is_ok() {
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.code() == Some("NOSCRIPT") => {
                 Err((StoreError::Failed(e.to_string()), true))
@@ -267,7 +280,10 @@ impl SharedRedis {
                 Err((StoreError::Failed(e.to_string()), false))
             }
             Err(_) => {
-                self.failed(generation);
+                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_TO_DOWN {
+                    self.timeouts.store(0, Ordering::Relaxed);
+                    self.failed(generation);
+                }
                 Err((StoreError::Timeout(self.settings.timeout), false))
             }
         }
@@ -305,6 +321,39 @@ mod tests {
             "redis://<redacted>@h:6379/0"
         );
         assert_eq!(redacted("redis://h:1"), "redis://h:1");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_redis_costs_three_deadlines_then_fails_fast() {
+        let server = testredis::RedisServer::start();
+        let mut settings = server.settings();
+        settings.timeout = Duration::from_millis(50);
+        let r = SharedRedis::new(settings, Some(tokio::runtime::Handle::current())).unwrap();
+        assert!(wait_up(&r, Duration::from_secs(5)).await);
+        let ping = redis::cmd("PING");
+        assert_eq!(r.query::<String>(&ping).await.unwrap(), "PONG");
+        server.signal("STOP");
+        for i in 0..TIMEOUTS_TO_DOWN {
+            let t = Instant::now();
+            let e = r.query::<String>(&ping).await.unwrap_err();
+            assert_eq!(
+                e,
+                StoreError::Timeout(Duration::from_millis(50)),
+                "call {i}"
+            );
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        let t = Instant::now();
+        assert_eq!(r.query::<String>(&ping).await, Err(StoreError::Down));
+        assert!(t.elapsed() < Duration::from_millis(5), "{:?}", t.elapsed());
+        server.signal("CONT");
+        assert!(wait_up(&r, Duration::from_secs(8)).await, "reconnected");
+        assert_eq!(r.query::<String>(&ping).await.unwrap(), "PONG");
+        assert_eq!(r.errors(), u64::from(TIMEOUTS_TO_DOWN) + 1);
     }
 
     #[test]
@@ -359,6 +408,17 @@ pub(crate) mod testredis {
             }
         }
 
+        /// Sends a signal to it (`STOP`, `CONT`).
+        pub fn signal(&self, sig: &str) {
+            let pid = self.child.as_ref().map(|c| c.id()).unwrap();
+            let ok = std::process::Command::new("kill")
+                .args([&format!("-{sig}"), &pid.to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{sig} {pid}");
+        }
+
         /// Kills it (SIGKILL) and waits.
         pub fn kill(&mut self) {
             if let Some(mut c) = self.child.take() {
@@ -387,6 +447,12 @@ pub(crate) mod testredis {
 
     impl Drop for RedisServer {
         fn drop(&mut self) {
+            if let Some(c) = &self.child {
+                // A stopped server must be woken to die quickly.
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &c.id().to_string()])
+                    .status();
+            }
             self.kill();
         }
     }
