@@ -256,3 +256,27 @@ def test_binary_upgrade_under_load_loses_nothing(procs):
     assert r.status == 200, r
     assert any(n == "portico_requests_total" for n, _, _ in parse_metrics(
         http_request(old.admin_port, "GET", "/metrics").text))
+
+
+def test_reload_with_a_new_redis_url_moves_the_limit(procs):
+    first, second = RedisServer(procs).start(), RedisServer(procs).start()
+
+    def cfg(url):
+        return {"redis": {"url": url}, "routes": [limited_route("api", 5, "60s", "route")]}
+
+    gw = procs.gateway(cfg(first.url))
+    statuses = [gw.get("/api/x").status for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2, statuses
+    assert first.cli("--scan", "--pattern", "portico:rl:*"), "no bucket in the first Redis"
+    # Same settings, other Redis: the plugin instance is rebuilt on the new connection
+    # (an unchanged entry would otherwise keep its instance across the reload).
+    gw.write_config(cfg(second.url))
+    r = gw.reload()
+    assert r.status == 200, r
+    # The new connection is made in the background: wait until Redis sees it (besides
+    # redis-cli itself).
+    wait_until(lambda: "connected_clients:2" in second.cli("INFO", "clients"), 10,
+               what="the gateway connected to the second Redis")
+    statuses = [gw.get("/api/x").status for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2, statuses
+    assert second.cli("--scan", "--pattern", "portico:rl:*"), "no bucket in the second Redis"
