@@ -88,6 +88,23 @@ enum OnStoreError {
     Local,
 }
 
+/// A request's key bytes, without an allocation for client addresses.
+enum RawKey<'r> {
+    Bytes(std::borrow::Cow<'r, [u8]>),
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl RawKey<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            RawKey::Bytes(b) => b,
+            RawKey::V4(a) => a,
+            RawKey::V6(a) => a,
+        }
+    }
+}
+
 /// What the shared store (or its fallback) decided.
 enum Shared {
     Decided(Verdict),
@@ -379,11 +396,7 @@ impl RateLimit {
 
     /// This request's key: a tag (1: the configured key, 2: the client IP fallback,
     /// a separate key space) and its bytes.
-    fn raw_key<'r>(
-        &self,
-        req: &'r RequestView<'_>,
-        ctx: &'r Context,
-    ) -> (u8, std::borrow::Cow<'r, [u8]>) {
+    fn raw_key<'r>(&self, req: &'r RequestView<'_>, ctx: &'r Context) -> (u8, RawKey<'r>) {
         let found: Option<std::borrow::Cow<'_, [u8]>> = match &self.key {
             Key::ClientIp => None,
             Key::Header(n) => req.headers.get(n).map(|v| v.as_bytes().into()),
@@ -400,11 +413,11 @@ impl RateLimit {
             Key::Route => Some(ctx.route.as_bytes().into()),
         };
         match found {
-            Some(k) => (1, k),
+            Some(k) => (1, RawKey::Bytes(k)),
             None => match ctx.client_ip {
-                Some(std::net::IpAddr::V4(a)) => (2, a.octets().to_vec().into()),
-                Some(std::net::IpAddr::V6(a)) => (2, a.octets().to_vec().into()),
-                None => (2, std::borrow::Cow::Borrowed(&[0u8][..])),
+                Some(std::net::IpAddr::V4(a)) => (2, RawKey::V4(a.octets())),
+                Some(std::net::IpAddr::V6(a)) => (2, RawKey::V6(a.octets())),
+                None => (2, RawKey::V4([0; 4])),
             },
         }
     }
@@ -506,11 +519,12 @@ impl Plugin for RateLimit {
     async fn on_request(&self, req: &mut RequestView<'_>, ctx: &mut Context) -> Flow {
         self.housekeeping();
         let (tag, raw) = self.raw_key(req, ctx);
-        let digest = self.digest(tag, &raw);
+        let raw = raw.as_bytes();
+        let digest = self.digest(tag, raw);
         let verdict = match &self.remote {
             None => self.decide_local(digest),
             Some(remote) => match self
-                .decide_shared(remote, digest, tag, &raw, &ctx.route)
+                .decide_shared(remote, digest, tag, raw, &ctx.route)
                 .await
             {
                 Shared::Decided(v) => v,
