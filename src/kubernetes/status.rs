@@ -7,8 +7,7 @@
 //! failed patch is logged and tried again at the next apply.
 
 use super::objects::{ClusterState, Key};
-use super::Controller;
-use crate::config::model::Kubernetes;
+use crate::config::model::{Config, Kubernetes};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, Patch, PatchParams};
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,49 +24,24 @@ struct Job {
 /// Writes Ingress statuses (does nothing without `status_address`).
 pub struct StatusWriter {
     address: Option<String>,
-    /// Portico's ingress class.
-    class: String,
     tx: Option<mpsc::UnboundedSender<Job>>,
     /// Ingress -> the resourceVersion a patch was last sent for.
     sent: Arc<Mutex<BTreeMap<Key, String>>>,
 }
 
-/// The Ingresses Portico serves in `state`: those of its class (by
-/// `spec.ingressClassName`, the legacy `kubernetes.io/ingress.class` annotation, or no
-/// class while Portico's IngressClass is the default one) that the last translation did
-/// not reject.
-fn served_ingresses(ctl: &Controller, state: &ClusterState, class: &str) -> BTreeSet<Key> {
-    let rejected = ctl.rejected();
-    let default_is_ours = state.ingress_classes.values().any(|c| {
-        c.metadata.name.as_deref() == Some(class)
-            && c.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("ingressclass.kubernetes.io/is-default-class"))
-                .is_some_and(|v| v == "true")
-    });
-    state
-        .ingresses
+/// The Ingresses Portico serves: those the translation made at least one route of
+/// (routes are named `ingress/NS/NAME/...`) in the running config.
+fn served_ingresses(config: &Config) -> BTreeSet<Key> {
+    config
+        .routes
         .iter()
-        .filter(|(_, ing)| {
-            let legacy = ing
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("kubernetes.io/ingress.class"));
-            match (
-                ing.spec
-                    .as_ref()
-                    .and_then(|s| s.ingress_class_name.as_deref()),
-                legacy,
-            ) {
-                (Some(c), _) => c == class,
-                (None, Some(c)) => c == class,
-                (None, None) => default_is_ours,
-            }
+        .filter_map(|r| {
+            let mut parts = r.name.strip_prefix("ingress/")?.splitn(3, '/');
+            let ns = parts.next()?;
+            let name = parts.next()?;
+            parts.next()?;
+            Some((ns.to_string(), name.to_string()))
         })
-        .filter(|((ns, name), _)| !rejected.contains_key(&format!("Ingress {ns}/{name}")))
-        .map(|(k, _)| k.clone())
         .collect()
 }
 
@@ -87,7 +61,6 @@ impl StatusWriter {
         let Some(address) = k.status_address.clone() else {
             return StatusWriter {
                 address: None,
-                class: k.ingress_class.clone(),
                 tx: None,
                 sent,
             };
@@ -115,19 +88,18 @@ impl StatusWriter {
         });
         StatusWriter {
             address: Some(address),
-            class: k.ingress_class.clone(),
             tx: Some(tx),
             sent,
         }
     }
 
-    /// Queues the patches `state` needs after it was applied by `ctl`.
-    pub fn update(&self, ctl: &Controller, state: &ClusterState) {
+    /// Queues the patches `state` needs once it is applied as `config`.
+    pub fn update(&self, config: &Config, state: &ClusterState) {
         let (Some(address), Some(tx)) = (&self.address, &self.tx) else {
             return;
         };
         let want = serde_json::Value::Array(vec![load_balancer_entry(address)]);
-        let served = served_ingresses(ctl, state, &self.class);
+        let served = served_ingresses(config);
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         sent.retain(|k, _| state.ingresses.contains_key(k));
         for key in served {
@@ -156,7 +128,23 @@ impl StatusWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::load_balancer_entry;
+    use super::*;
+
+    #[test]
+    fn served_from_route_names() {
+        let cfg: Config = crate::config::load_str(
+            "t.yaml",
+            "listeners: [{name: w, bind: '127.0.0.1:1'}]\nroutes:\n\
+             - {name: ingress/ns/a/rule-0/path-0, match: {path_prefix: /a}, respond: {status: 200}}\n\
+             - {name: ingress/ns/a/default, match: {path_prefix: /}, respond: {status: 200}}\n\
+             - {name: httproute/ns/b/rule-0/match-0, match: {path_prefix: /b}, respond: {status: 200}}\n\
+             - {name: ingress-like, match: {path_prefix: /c}, respond: {status: 200}}\n",
+        )
+        .map(|(c, _)| c)
+        .unwrap();
+        let served: Vec<Key> = served_ingresses(&cfg).into_iter().collect();
+        assert_eq!(served, vec![("ns".to_string(), "a".to_string())]);
+    }
 
     #[test]
     fn ip_or_hostname() {

@@ -450,7 +450,7 @@ async fn sync_task(
                     state.len(),
                     started.elapsed()
                 );
-                status.update(&controller, &state);
+                status.update(&gw.current().config, &state);
             }
             Err(errors) => {
                 for e in &errors {
