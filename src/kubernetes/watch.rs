@@ -37,8 +37,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Events closer together than this are applied as one change.
-const DEBOUNCE: Duration = Duration::from_millis(30);
+/// Events closer together than `QUIET` are applied as one change: a burst ends when
+/// none came for `QUIET`, or `DEBOUNCE_MAX` after its first event.
+const QUIET: Duration = Duration::from_millis(10);
+const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
 /// First and largest pause before a failed stream tries again.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -405,14 +407,15 @@ async fn sync_task(
     while let Some(first) = rx.recv().await {
         dirty |= fold(&mut state, &mut streams, first, &mut reachable);
         // Collect the rest of the burst.
-        let deadline = tokio::time::Instant::now() + DEBOUNCE;
+        let end = tokio::time::Instant::now() + DEBOUNCE_MAX;
         loop {
+            let quiet = (tokio::time::Instant::now() + QUIET).min(end);
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => dirty |= fold(&mut state, &mut streams, m, &mut reachable),
                     None => return,
                 },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(quiet) => break,
             }
         }
         if !dirty {
