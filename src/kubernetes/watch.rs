@@ -449,8 +449,9 @@ async fn sync_task(
         match result {
             Ok(version) => {
                 log::info!(
-                    "kubernetes: applied {} objects as version {version} in {:?}",
+                    "kubernetes: applied {} objects ({} left out) as version {version} in {:?}",
                     state.len(),
+                    controller.rejected().len(),
                     started.elapsed()
                 );
                 status.update(&gw.current().config, &state);
