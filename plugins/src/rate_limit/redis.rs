@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 /// The GCRA script. KEYS[1]: the bucket. ARGV: emission interval (us), burst, want.
 /// Returns {granted, remaining, retry_after_us, reset_us}.
 pub(super) const GCRA_LUA: &str = r#"
+-- Redis before 5 replicates scripts verbatim unless told otherwise (TIME is not
+-- deterministic); later versions always replicate the effects (a no-op there).
+pcall(redis.replicate_commands)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
