@@ -137,6 +137,7 @@ pub fn start(
     let id = add("IngressClass", None);
     rt.spawn(run_typed::<IngressClass>(
         id,
+        "IngressClass",
         Api::all(client.clone()),
         cfg.clone(),
         tx.clone(),
@@ -160,7 +161,7 @@ pub fn start(
                     Some(n) => Api::namespaced(client.clone(), n),
                     None => Api::all(client.clone()),
                 };
-                rt.spawn(run_typed::<$t>(id, api, $cfg, tx.clone(), |o| {
+                rt.spawn(run_typed::<$t>(id, $kind, api, $cfg, tx.clone(), |o| {
                     Object::$variant(Box::new(o))
                 }));
             }};
@@ -195,6 +196,7 @@ pub fn start(
 /// Watches one typed kind and reports to the sync task.
 async fn run_typed<K>(
     id: usize,
+    kind: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
     tx: mpsc::UnboundedSender<Msg>,
@@ -202,11 +204,7 @@ async fn run_typed<K>(
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let kind = K::kind(&()).to_string();
-    drive(id, watcher::watcher(api, cfg), tx, &kind, |o: K| {
-        Ok(wrap(o))
-    })
-    .await
+    drive(id, watcher::watcher(api, cfg), tx, kind, |o: K| Ok(wrap(o))).await
 }
 
 /// Watches one Gateway API kind as dynamic objects (no CRD discovery).
@@ -261,7 +259,7 @@ async fn drive<K, S, F>(
     id: usize,
     stream: S,
     tx: mpsc::UnboundedSender<Msg>,
-    kind: &str,
+    kind: &'static str,
     convert: F,
 ) where
     K: Resource + Send + 'static,
@@ -316,7 +314,7 @@ async fn drive<K, S, F>(
                 let m = o.meta();
                 Msg::Deleted {
                     id,
-                    kind: object_kind(kind),
+                    kind,
                     key: (
                         m.namespace.clone().unwrap_or_default(),
                         m.name.clone().unwrap_or_default(),
@@ -354,20 +352,6 @@ async fn drive<K, S, F>(
     }
 }
 
-/// The kind name as `ClusterState::remove` spells it.
-fn object_kind(kind: &str) -> &'static str {
-    match kind {
-        "Ingress" => "Ingress",
-        "IngressClass" => "IngressClass",
-        "Service" => "Service",
-        "EndpointSlice" => "EndpointSlice",
-        "Secret" => "Secret",
-        "GatewayClass" => "GatewayClass",
-        "Gateway" => "Gateway",
-        _ => "HTTPRoute",
-    }
-}
-
 fn is_not_found(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
 }
@@ -388,7 +372,8 @@ fn keys_of(state: &ClusterState, kind: &str, ns: Option<&str>) -> Vec<Key> {
         "Secret" => pick(&state.secrets, ns),
         "GatewayClass" => pick(&state.gateway_classes, ns),
         "Gateway" => pick(&state.gateways, ns),
-        _ => pick(&state.http_routes, ns),
+        "HTTPRoute" => pick(&state.http_routes, ns),
+        _ => vec![],
     }
 }
 
