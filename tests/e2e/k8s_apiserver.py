@@ -26,8 +26,8 @@ Test controls are Python methods: ``put``, ``delete``, ``compact`` (drop history
 ``expire_watches`` open watches get the 410 ERROR event), ``stop`` (close the socket and
 every open connection) and ``restart`` (same port; ``fresh_history`` renumbers every
 object from a new, unrelated resourceVersion sequence so old versions are Gone), and
-``gateway_api=False`` to answer 404 for the Gateway API resources (CRDs not installed).
-Another process drives it with ``POST /_control/put`` (an object), ``/_control/delete``
+``gateway_api=False`` to answer 404 for the Gateway API resources (CRDs not installed),
+and ``fail_with = 503`` (any status) to answer every request with that error. Another process drives it with ``POST /_control/put`` (an object), ``/_control/delete``
 (``{kind, namespace, name}``) and ``/_control/compact``.
 
 Run as a script (``python3 k8s_apiserver.py --port N --load objects.json``) it serves
