@@ -120,6 +120,14 @@ impl LeaseCache {
         let Some(e) = s.get_mut(&key) else {
             return Cached::Ask(1);
         };
+        // Leased tokens first: they are already paid for in the shared bucket.
+        if e.tokens > 0 && e.until > now {
+            e.tokens -= 1;
+            return Cached::Hit(Verdict::Allow {
+                remaining: e.remaining + e.tokens,
+                reset: e.full_at.saturating_duration_since(now),
+            });
+        }
         if let Some(b) = e.blocked_until {
             if b > now {
                 return Cached::Hit(Verdict::Limit {
@@ -127,13 +135,6 @@ impl LeaseCache {
                     reset: e.full_at.saturating_duration_since(now),
                 });
             }
-        }
-        if e.tokens > 0 && e.until > now {
-            e.tokens -= 1;
-            return Cached::Hit(Verdict::Allow {
-                remaining: e.remaining + e.tokens,
-                reset: e.full_at.saturating_duration_since(now),
-            });
         }
         Cached::Ask((e.remaining / ASK_DIVISOR).clamp(1, self.batch))
     }
@@ -152,26 +153,37 @@ impl LeaseCache {
                 }
             }
         }
-        let prev = s.get(&key).copied();
+        // Unused tokens of a lease still good are kept: concurrent asks of this replica
+        // add up, and a refusal does not throw away what a concurrent grant leased.
+        let prev = s
+            .get(&key)
+            .copied()
+            .filter(|e| e.until > now && e.tokens > 0);
+        let kept = prev.map_or(0, |e| e.tokens);
         if a.granted == 0 {
-            let blocked = now + a.retry;
-            s.insert(
-                key,
-                Entry {
-                    tokens: 0,
-                    until: now,
-                    remaining: 0,
-                    full_at,
-                    blocked_until: Some(blocked),
-                },
-            );
-            return Verdict::Limit {
-                retry: a.retry,
-                reset: a.reset,
+            let mut e = Entry {
+                tokens: kept,
+                until: prev.map_or(now, |e| e.until),
+                remaining: 0,
+                full_at,
+                blocked_until: Some(now + a.retry),
             };
+            let verdict = if e.tokens > 0 {
+                // Redis said no, but a concurrent grant left a token here.
+                e.tokens -= 1;
+                Verdict::Allow {
+                    remaining: e.tokens,
+                    reset: a.reset,
+                }
+            } else {
+                Verdict::Limit {
+                    retry: a.retry,
+                    reset: a.reset,
+                }
+            };
+            s.insert(key, e);
+            return verdict;
         }
-        // Unused tokens of a lease still good are kept (concurrent asks add up).
-        let kept = prev.filter(|e| e.until > now).map_or(0, |e| e.tokens);
         let tokens = kept + a.granted - 1;
         s.insert(
             key,
@@ -408,6 +420,31 @@ mod tests {
             hits += 1;
         }
         assert_eq!(hits, 6, "3 spare tokens from each grant");
+    }
+
+    #[test]
+    fn a_refusal_keeps_tokens_a_concurrent_grant_leased() {
+        let c = LeaseCache::new(1000, 10, Duration::from_secs(1));
+        let t = Instant::now();
+        // Two asks in flight at once: one is granted 5, the other refused.
+        c.record(4, t, &ans(5, 0, 0, 9000));
+        assert_eq!(
+            c.record(4, t, &ans(0, 0, 100, 9000)),
+            Verdict::Allow {
+                remaining: 3,
+                reset: Duration::from_millis(9000)
+            },
+            "the refused request takes a leased token"
+        );
+        let mut hits = 0;
+        while let Cached::Hit(Verdict::Allow { .. }) = c.check(4, t) {
+            hits += 1;
+        }
+        assert_eq!(
+            hits, 3,
+            "the rest of the lease is used before the refusal applies"
+        );
+        assert!(matches!(c.check(4, t), Cached::Hit(Verdict::Limit { .. })));
     }
 
     #[test]
