@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import signal
 import time
+
+import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import PORTICO_BIN, Managed, metric_sum, parse_metrics, wait_until, http_request
@@ -66,11 +68,13 @@ def tally(spreaders):
     return admitted, statuses, per_ip, failures
 
 
-def test_shared_limit_across_three_replicas(procs):
+@pytest.mark.parametrize("batch", [None, 1], ids=["lease-cache", "no-cache"])
+def test_shared_limit_across_three_replicas(procs, batch):
     redis = RedisServer(procs).start()
+    extra = {} if batch is None else {"batch": batch}
     gws, port = start_replicas(procs, {
         "redis": {"url": redis.url},
-        "routes": [limited_route("api", 100, "10s", "route")],
+        "routes": [limited_route("api", 100, "10s", "route", **extra)],
     })
     targets = [(g.ip, port) for g in gws]
     spreaders, secs = spread(targets, "/api/x", 300, threads=6)
@@ -80,10 +84,20 @@ def test_shared_limit_across_three_replicas(procs):
     assert set(statuses) <= {200, 429}, statuses
     # GCRA: the burst of 100, plus one request per 100 ms of the run.
     expected = 100 + int(secs / 0.1)
-    print(f"shared limit: {admitted} of 300 admitted in {secs:.2f}s (expected {expected}); "
+    print(f"shared limit (batch {batch}): {admitted} of 300 admitted in {secs:.2f}s (expected {expected}); "
           f"per replica {per_ip}")
     assert abs(admitted - expected) <= 5, (admitted, expected, secs, per_ip)
     assert len(per_ip) == 3, f"every replica admitted some: {per_ip}"
+    # The lease cache keeps most decisions off Redis; without it, every admitted request
+    # is a call (refusals are remembered until Retry-After either way).
+    stats = redis.cli("INFO", "commandstats")
+    calls = sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+                if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+    print(f"shared limit (batch {batch}): {calls} script calls for 300 requests")
+    if batch is None:
+        assert 0 < calls < 100, calls
+    else:
+        assert admitted <= calls < 300, calls
     # One bucket in Redis, with an expiry.
     keys = redis.cli("--scan", "--pattern", "portico:rl:*").split()
     assert len(keys) == 1, keys
