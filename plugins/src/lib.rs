@@ -440,14 +440,7 @@ impl Registry {
 
     /// Builds one `- NAME: settings` entry (global scope, no shared services).
     pub fn build(&self, entry: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, EntryError> {
-        let none = services::Services::default();
-        self.build_with(
-            entry,
-            &services::BuildEnv {
-                scope: "",
-                services: &none,
-            },
-        )
+        self.build_with(entry, &services::BuildEnv::bare())
     }
 
     /// Builds one `- NAME: settings` entry in `env` (its scope and shared services).

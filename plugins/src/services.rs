@@ -31,6 +31,20 @@ pub struct BuildEnv<'a> {
     pub services: &'a Services,
 }
 
+impl BuildEnv<'static> {
+    /// The global scope without shared services (tests, plugins built on their own).
+    pub fn bare() -> BuildEnv<'static> {
+        static NONE: Services = Services {
+            redis: None,
+            events: None,
+        };
+        BuildEnv {
+            scope: "",
+            services: &NONE,
+        }
+    }
+}
+
 /// Shared services for plugins, one set per compiled config.
 #[derive(Clone, Default)]
 pub struct Services {

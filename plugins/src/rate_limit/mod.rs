@@ -256,14 +256,7 @@ impl Factory for RateLimitFactory {
         "rate_limit"
     }
     fn build(&self, settings: &serde_yaml::Value) -> Result<Arc<dyn Plugin>, String> {
-        let none = crate::services::Services::default();
-        self.build_with(
-            settings,
-            &crate::services::BuildEnv {
-                scope: "",
-                services: &none,
-            },
-        )
+        self.build_with(settings, &crate::services::BuildEnv::bare())
     }
     fn build_with(
         &self,
@@ -585,14 +578,9 @@ mod tests {
     use crate::testutil::*;
 
     fn limiter(yaml: &str) -> RateLimit {
-        let none = crate::services::Services::default();
-        let env = crate::services::BuildEnv {
-            scope: "",
-            services: &none,
-        };
         RateLimit::new(
             crate::settings(&serde_yaml::from_str(yaml).unwrap()).unwrap(),
-            &env,
+            &crate::services::BuildEnv::bare(),
         )
         .unwrap()
     }
