@@ -473,4 +473,29 @@ mod tests {
         assert_eq!(errs[1].line, 8);
         assert_eq!((errs[2].line, errs[2].col), (12, 15));
     }
+
+    #[test]
+    fn redis_section_and_store_redis() {
+        let route = "routes:\n  - name: r\n    match: { path_prefix: / }\n    respond: { status: 200 }\n    plugins:\n      - rate_limit: { requests: 1, per: 1s, store: redis }\n";
+        // store: redis without the section: an error at `store`.
+        let errs = load_str("f.yaml", route).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!((errs[0].line, errs[0].col), (6, 52));
+        assert!(errs[0].message.contains("top-level `redis`"), "{errs:?}");
+        // With it: defaults filled in.
+        let ok = format!("redis: {{ url: \"redis://127.0.0.1:6379\" }}\n{route}");
+        let (cfg, _) = load_str("f.yaml", &ok).unwrap();
+        let r = cfg.redis.unwrap();
+        assert_eq!(r.timeout.0, std::time::Duration::from_millis(25));
+        assert_eq!(r.key_prefix, "portico:");
+        // A bad URL, a zero timeout and an unknown key, each where it is.
+        let bad = "redis:\n  url: \"http://x\"\n  timeout: 0s\n";
+        let errs = load_str("f.yaml", bad).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].line, 2);
+        assert!(errs[0].message.contains("Redis URL"), "{errs:?}");
+        assert_eq!(errs[1].line, 3);
+        let errs = load_str("f.yaml", "redis: { url: \"redis://h:1\", urll: 1 }\n").unwrap_err();
+        assert!(errs[0].message.contains("unknown field `urll`"), "{errs:?}");
+    }
 }
