@@ -16,8 +16,8 @@
 //! evicts the emptiest of a few sampled buckets.
 //!
 //! With `store: redis` the bucket lives in Redis and is shared by every replica that
-//! has the same config (see [`redis`] for the script and the lease cache). The Redis
-//! connection is the top-level `redis:` section, handed to the factory in its
+//! has the same config (the `redis` submodule has the script and the lease cache). The
+//! Redis connection is the top-level `redis:` section, handed to the factory in its
 //! [`BuildEnv`](crate::services::BuildEnv). When Redis cannot answer (down,
 //! reconnecting, or slower than `redis.timeout`), `on_store_error` decides: `allow`
 //! lets the request through, `deny` answers 503 with `Retry-After: 1`, and `local`
