@@ -65,7 +65,7 @@ pub trait Events: Send + Sync {
 /// The top-level `redis:` settings as the plugins see them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
-    /// `redis://[user:pass@]host:port[/db]` (or `rediss://`, `redis+unix://`).
+    /// `redis://[user:pass@]host:port[/db]` or `redis+unix:///path`.
     pub url: String,
     /// Deadline of one call (script evaluation).
     pub timeout: Duration,

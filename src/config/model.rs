@@ -1117,7 +1117,8 @@ fn default_hedge_max() -> Size {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`, `rediss://` (TLS) or `redis+unix://`.
+    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path` (no TLS in this
+    /// build: `rediss://` is refused).
     pub url: String,
     /// Deadline of one Redis call made for a request; past it the caller's fallback
     /// applies (`on_store_error`).
