@@ -241,7 +241,8 @@ def test_binary_upgrade_under_load_loses_nothing(procs):
         new.start()
         # The new process waits on the upgrade socket; the old one hands the listeners
         # over on SIGQUIT, finishes its requests and exits.
-        time.sleep(1.0)
+        wait_until(lambda: upgrade_sock.exists() or not new.alive(), 20,
+                   what="the new process listening on the upgrade socket")
         assert new.alive(), new.log_tail()
         old.signal(signal.SIGQUIT)
         rc = old.wait_exit(30)
