@@ -189,7 +189,9 @@ impl LeaseCache {
             key,
             Entry {
                 tokens,
-                until: now + self.hold,
+                // Kept tokens keep their own deadline: none is spent later than `hold`
+                // after Redis granted it.
+                until: prev.map_or(now + self.hold, |e| e.until.min(now + self.hold)),
                 remaining: a.remaining,
                 full_at,
                 blocked_until: None,
