@@ -77,6 +77,27 @@ impl Controller {
         self.apply_locked(&mut inner, "cluster change")
     }
 
+    /// Changes the held state in place with `change` (no copy of the state: at 5,000
+    /// Ingresses copying it took a third of an apply) and, when `change` returns
+    /// true, translates and swaps it in as `apply` does. `None`: nothing was applied.
+    pub fn update(
+        &self,
+        change: impl FnOnce(&mut ClusterState) -> bool,
+    ) -> Option<Result<u64, Vec<String>>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let apply = change(inner.state.get_or_insert_with(ClusterState::default));
+        apply.then(|| self.apply_locked(&mut inner, "cluster change"))
+    }
+
+    /// Reads the held state (empty before the first `apply` or `update`).
+    pub fn with_state<R>(&self, read: impl FnOnce(&ClusterState) -> R) -> R {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match &inner.state {
+            Some(s) => read(s),
+            None => read(&ClusterState::default()),
+        }
+    }
+
     /// A new base config (the file was re-read): re-translates the last state.
     fn rebase(&self, base: Config, why: &str) -> Result<u64, Vec<String>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -377,7 +377,10 @@ fn keys_of(state: &ClusterState, kind: &str, ns: Option<&str>) -> Vec<Key> {
     }
 }
 
-/// Owns the state: folds stream messages into it and applies it, debounced.
+/// Folds stream messages into the state and applies it, debounced. Until the first full
+/// sync the state is gathered here (a file reload meanwhile sees no partial state); then
+/// it is handed to the controller, which holds it from then on and whose state each
+/// burst of messages changes in place, so no apply copies the whole state.
 async fn sync_task(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     mut streams: Vec<Stream>,
@@ -385,70 +388,89 @@ async fn sync_task(
     status: StatusWriter,
     gw: Arc<Gateway>,
 ) {
-    let mut state = ClusterState::default();
+    let mut local = Some(ClusterState::default());
     let mut dirty = false;
     let mut reachable = true;
-    let mut applied_once = false;
     while let Some(first) = rx.recv().await {
-        dirty |= fold(&mut state, &mut streams, first, &mut reachable);
+        let mut batch = vec![first];
         // Collect the rest of the burst.
         let end = tokio::time::Instant::now() + DEBOUNCE_MAX;
         loop {
             let quiet = (tokio::time::Instant::now() + QUIET).min(end);
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => dirty |= fold(&mut state, &mut streams, m, &mut reachable),
+                    Some(m) => batch.push(m),
                     None => return,
                 },
                 _ = tokio::time::sleep_until(quiet) => break,
             }
         }
-        if !dirty {
-            continue;
+        if let Some(state) = local.as_mut() {
+            for m in batch.drain(..) {
+                dirty |= fold(state, &mut streams, m, &mut reachable);
+            }
+            if !dirty {
+                continue;
+            }
+            if !streams.iter().all(|s| s.listed) {
+                let waiting: BTreeSet<&str> = streams
+                    .iter()
+                    .filter(|s| !s.listed)
+                    .map(|s| s.kind)
+                    .collect();
+                log::debug!("kubernetes: waiting for the first list of {waiting:?}");
+                continue;
+            }
         }
-        if !streams.iter().all(|s| s.listed) {
-            let waiting: BTreeSet<&str> = streams
-                .iter()
-                .filter(|s| !s.listed)
-                .map(|s| s.kind)
-                .collect();
-            log::debug!("kubernetes: waiting for the first list of {waiting:?}");
-            continue;
-        }
+        let handover = local.take();
+        let first_sync = handover.is_some();
         let ctl = Arc::clone(&controller);
         let started = std::time::Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
-            let r = ctl.apply(&state);
-            (state, r)
+            let result = ctl.update(|state| {
+                let mut changed = false;
+                if let Some(h) = handover {
+                    *state = h;
+                    changed = true;
+                }
+                for m in batch {
+                    changed |= fold(state, &mut streams, m, &mut reachable);
+                }
+                changed
+            });
+            (result, streams, reachable)
         })
         .await;
-        let (st, result) = match joined {
+        let result;
+        (result, streams, reachable) = match joined {
             Ok(x) => x,
             Err(e) => {
                 log::error!("kubernetes: applying the cluster state panicked: {e}");
                 return;
             }
         };
-        state = st;
         dirty = false;
         match result {
-            Ok(version) => {
+            None => continue,
+            Some(Ok(version)) => {
+                let snapshot = gw.current();
+                let objects = controller.with_state(|state| {
+                    status.update(&snapshot.config, state);
+                    state.len()
+                });
                 log::info!(
-                    "kubernetes: applied {} objects ({} left out) as version {version} in {:?}",
-                    state.len(),
+                    "kubernetes: applied {objects} objects ({} left out) as version {version} in {:?}",
                     controller.rejected().len(),
                     started.elapsed()
                 );
-                status.update(&gw.current().config, &state);
             }
-            Err(errors) => {
+            Some(Err(errors)) => {
                 for e in &errors {
                     log::error!("kubernetes: cluster state refused: {e}");
                 }
             }
         }
-        if !applied_once {
-            applied_once = true;
+        if first_sync {
             gw.sources_synced.store(true, Ordering::SeqCst);
             log::info!("kubernetes: first full sync applied");
         }
