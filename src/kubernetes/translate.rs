@@ -120,7 +120,7 @@ struct Backends<'a> {
 
 /// A resolved backend: an upstream to create, or why there is none.
 enum Resolved {
-    Upstream(String, Upstream),
+    Upstream(String, Box<Upstream>),
     /// The route answers 503: the Service or its endpoints are missing.
     Unavailable(String),
 }
@@ -208,10 +208,10 @@ impl<'a> Backends<'a> {
         }
         Ok(Resolved::Upstream(
             upstream_name,
-            Upstream {
+            Box::new(Upstream {
                 endpoints: chosen.into_iter().map(EndpointSpec::Plain).collect(),
                 ..Default::default()
-            },
+            }),
         ))
     }
 }
@@ -237,7 +237,7 @@ fn point_at(route: &mut Route, r: Resolved, frag: &mut Fragment) {
     match r {
         Resolved::Upstream(name, u) => {
             route.upstream = Some(name.clone());
-            frag.upstreams.insert(name, u);
+            frag.upstreams.insert(name, *u);
         }
         Resolved::Unavailable(why) => route.respond = Some(unavailable(&why)),
     }
@@ -1031,7 +1031,7 @@ fn backend_refs(
     let live: Vec<(String, Upstream, u32)> = arms
         .iter()
         .filter_map(|(res, w)| match res {
-            Resolved::Upstream(n, u) => Some((n.clone(), u.clone(), *w)),
+            Resolved::Upstream(n, u) => Some((n.clone(), (**u).clone(), *w)),
             Resolved::Unavailable(_) => None,
         })
         .collect();
@@ -1051,7 +1051,7 @@ fn backend_refs(
     }
     if live.len() == 1 && arms.len() == 1 {
         let (n, u, _) = live.into_iter().next().ok_or("no backend")?;
-        point_at(r, Resolved::Upstream(n, u), frag);
+        point_at(r, Resolved::Upstream(n, Box::new(u)), frag);
         return Ok(());
     }
     r.split = Some(
@@ -1091,4 +1091,256 @@ fn resolve_ref(ns: &str, b: &HttpBackendRef, backends: &Backends) -> Result<Reso
         ));
     };
     backends.resolve(ns, &b.name, PortRef::Number(port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::objects::Object;
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut st = ClusterState::default();
+        let mut problems = vec![];
+        crate::kubernetes::manifests::load_text(yaml, "t", &mut st, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        st
+    }
+
+    const SVC: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: n}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: n, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.1], conditions: {ready: true}}
+  - {addresses: [10.0.0.2]}
+  - {addresses: [10.0.0.3], conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.0.0.4], conditions: {ready: false}}
+";
+
+    fn ing(name: &str, created: &str, extra: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n\
+             metadata: {{name: {name}, namespace: n, creationTimestamp: '{created}'{extra}}}\n\
+             spec:\n  ingressClassName: portico\n  rules:\n  - host: a.test\n    http:\n      paths:\n\
+             \x20     - {{path: /x/, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}\n"
+        )
+    }
+
+    fn run(yaml: &str) -> Translation {
+        translate(&state(yaml), &Config::default(), &Kubernetes::default())
+    }
+
+    #[test]
+    fn ready_endpoints_named_port_and_stable_names() {
+        let t = run(&format!("{SVC}{}", ing("one", "2024-01-01T00:00:00Z", "")));
+        assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+        let u = &t.config.upstreams["svc/n/web:80"];
+        let eps: Vec<&str> = u.endpoints.iter().map(|e| e.address()).collect();
+        assert_eq!(eps, ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let r = &t.config.routes[0];
+        assert_eq!(r.name, "ingress/n/one/rule-0/path-0");
+        assert_eq!(r.matcher.path_prefix.as_deref(), Some("/x"));
+        assert_eq!(r.matcher.hosts, ["a.test"]);
+        assert_eq!(r.upstream.as_deref(), Some("svc/n/web:80"));
+    }
+
+    #[test]
+    fn terminating_serving_endpoints_only_when_none_is_ready() {
+        let yaml = SVC
+            .replace(
+                "  - {addresses: [10.0.0.1], conditions: {ready: true}}\n",
+                "",
+            )
+            .replace("  - {addresses: [10.0.0.2]}\n", "");
+        let t = run(&format!("{yaml}{}", ing("one", "2024-01-01T00:00:00Z", "")));
+        let eps: Vec<&str> = t.config.upstreams["svc/n/web:80"]
+            .endpoints
+            .iter()
+            .map(|e| e.address())
+            .collect();
+        assert_eq!(eps, ["10.0.0.3:8080"]);
+    }
+
+    #[test]
+    fn oldest_wins_a_conflict_and_the_loser_is_reported() {
+        let t = run(&format!(
+            "{SVC}{}{}",
+            ing("young", "2024-05-01T00:00:00Z", ""),
+            ing("old", "2024-01-01T00:00:00Z", "")
+        ));
+        assert_eq!(t.config.routes.len(), 1);
+        assert_eq!(t.config.routes[0].name, "ingress/n/old/rule-0/path-0");
+        assert_eq!(t.rejected.len(), 1);
+        assert_eq!(t.rejected[0].object(), "Ingress n/young");
+        assert!(t.rejected[0].reason.contains("Ingress n/old (older)"));
+    }
+
+    #[test]
+    fn bad_annotation_leaves_only_that_ingress_out() {
+        let t = run(&format!(
+            "{SVC}{}{}",
+            ing(
+                "bad",
+                "2024-01-01T00:00:00Z",
+                ", annotations: {portico.io/timeout: soon}"
+            ),
+            ing(
+                "good",
+                "2024-02-01T00:00:00Z",
+                ", annotations: {portico.io/retries: '2'}"
+            )
+        ));
+        assert_eq!(t.config.routes.len(), 1, "{:?}", t.rejected);
+        assert_eq!(
+            t.config.routes[0].retries.as_ref().map(|r| r.attempts),
+            Some(2)
+        );
+        assert_eq!(t.rejected[0].object(), "Ingress n/bad");
+        assert!(t.rejected[0].reason.contains("portico.io/timeout"));
+    }
+
+    #[test]
+    fn class_selection() {
+        let mk = |name: &str, class: &str| {
+            ing(name, "2024-01-01T00:00:00Z", "")
+                .replace("ingressClassName: portico", class)
+                .replace("host: a.test", &format!("host: {name}.test"))
+        };
+        let yaml = format!(
+            "{SVC}{}{}{}",
+            mk("ours", "ingressClassName: portico"),
+            mk("theirs", "ingressClassName: nginx"),
+            mk("classless", "ingressClassName: null")
+        );
+        assert_eq!(run(&yaml).config.routes.len(), 1);
+        // a default IngressClass of ours adopts class-less Ingresses
+        let dflt = "---\napiVersion: networking.k8s.io/v1\nkind: IngressClass\n\
+            metadata: {name: portico, annotations: {ingressclass.kubernetes.io/is-default-class: 'true'}}\n\
+            spec: {controller: portico.io/ingress-controller}\n";
+        assert_eq!(run(&format!("{yaml}{dflt}")).config.routes.len(), 2);
+        // an IngressClass named like ours but of another controller is not ours
+        let foreign = dflt.replace("portico.io/ingress-controller", "example.com/other");
+        assert_eq!(run(&format!("{yaml}{foreign}")).config.routes.len(), 0);
+    }
+
+    #[test]
+    fn missing_service_answers_503_and_exact_paths() {
+        let yaml = ing("one", "2024-01-01T00:00:00Z", "").replace(
+            "path: /x/, pathType: Prefix",
+            "path: '/x/{y}', pathType: Exact",
+        );
+        let t = run(&yaml);
+        let r = &t.config.routes[0];
+        assert_eq!(r.respond.as_ref().map(|x| x.status), Some(503));
+        assert_eq!(r.matcher.path_regex.as_deref(), Some("^/x/\\{y\\}$"));
+        let _ = Object::from_json(serde_json::json!({})).unwrap_err();
+    }
+
+    #[test]
+    fn httproute_split_header_match_and_attachment() {
+        let yaml = format!(
+            "{SVC}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: n}}
+spec: {{gatewayClassName: portico, listeners: [{{name: http, port: 80}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: n}}
+spec:
+  parentRefs: [{{name: gw}}]
+  hostnames: [a.test]
+  rules:
+  - matches: [{{headers: [{{name: X-V, value: v2}}], method: GET, queryParams: [{{name: q, value: '1'}}]}}]
+    backendRefs: [{{name: web, port: 80, weight: 9}}, {{name: gone, port: 80, weight: 1}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: stray, namespace: other}}
+spec: {{parentRefs: [{{name: gw, namespace: n}}], rules: [{{}}]}}
+"
+        );
+        let t = run(&yaml);
+        let r = &t.config.routes[0];
+        assert_eq!(r.name, "httproute/n/r/rule-0/match-0");
+        assert_eq!(r.matcher.headers["x-v"], "v2");
+        assert_eq!(r.matcher.methods, ["GET"]);
+        assert_eq!(r.matcher.query["q"], "1");
+        let split = r.split.as_ref().expect("a split");
+        assert_eq!(split.len(), 1, "the missing Service's arm is left out");
+        assert_eq!(t.config.routes.len(), 1);
+        assert_eq!(t.rejected.len(), 1);
+        assert!(t.rejected[0]
+            .reason
+            .contains("does not allow routes from namespace other"));
+    }
+
+    /// Translate + compile time at the issue's scale (5,000 Ingresses, 50,000
+    /// endpoints). `cargo test --release -- --ignored --nocapture large_state`.
+    #[test]
+    #[ignore]
+    fn large_state() {
+        let mut st = ClusterState::default();
+        for i in 0..5000 {
+            let svc = format!("svc-{i}");
+            st.upsert(
+                Object::from_json(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": svc, "namespace": "bench"},
+                    "spec": {"ports": [{"name": "http", "port": 80}]}}))
+                .unwrap(),
+            );
+            let eps: Vec<_> = (0..10)
+                .map(|j| serde_json::json!({"addresses": [format!("10.{}.{}.{}", i / 250, i % 250, j + 1)], "conditions": {"ready": true}}))
+                .collect();
+            st.upsert(
+                Object::from_json(serde_json::json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": format!("{svc}-a"), "namespace": "bench", "labels": {SERVICE_NAME_LABEL: svc}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps}))
+                .unwrap(),
+            );
+            st.upsert(
+                Object::from_json(serde_json::json!({
+                    "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                    "metadata": {"name": format!("ing-{i}"), "namespace": "bench"},
+                    "spec": {"ingressClassName": "portico", "rules": [{"host": format!("h{i}.bench.test"), "http": {"paths": [
+                        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": svc, "port": {"number": 80}}}}]}}]}}))
+                .unwrap(),
+            );
+        }
+        let base = Config::default();
+        let m = crate::metrics::Metrics::new();
+        let t0 = std::time::Instant::now();
+        let t = translate(&st, &base, &Kubernetes::default());
+        let t_translate = t0.elapsed();
+        let snap = crate::snapshot::compile(&t.config, None, None, &m, 1, None).unwrap();
+        let t_first = t0.elapsed();
+        assert_eq!(snap.table.routes().len(), 5000);
+        // one EndpointSlice changes: full translate + compile against the previous snapshot
+        let key = ("bench".to_string(), "svc-7-a".to_string());
+        if let Some(s) = st.endpoint_slices.get_mut(&key) {
+            if let Some(e) = s.endpoints.as_mut().and_then(|e| e.first_mut()) {
+                e.conditions = Some(Default::default());
+                e.addresses = vec!["10.99.0.1".into()];
+            }
+        }
+        let t1 = std::time::Instant::now();
+        let t2 = translate(&st, &base, &Kubernetes::default());
+        let t_retranslate = t1.elapsed();
+        let _snap2 = crate::snapshot::compile(&t2.config, Some(&snap), None, &m, 2, None).unwrap();
+        let t_change = t1.elapsed();
+        println!(
+            "5000 ingresses / 50000 endpoints: first translate {t_translate:?}, translate+compile {t_first:?}; \
+             one EndpointSlice change: translate {t_retranslate:?}, translate+compile {t_change:?}"
+        );
+    }
 }
