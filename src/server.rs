@@ -214,8 +214,11 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
 
     // One proxy service per listener: each has its own scheme, TLS acceptor and edge
     // settings. Listeners with `http2: true` speak h2 (ALPN on TLS, h2c on plain).
-    let l4 = L4BufferSettings {
-        read: Some(4 * 1024),
+    // Plain HTTP/1 reads go straight into the session's own buffer, so a plain
+    // connection needs no read buffer of its own (an idle one then holds none); a TLS
+    // one keeps a small one, which saves a read per TLS record.
+    let l4 = |tls: bool| L4BufferSettings {
+        read: Some(if tls { 4 * 1024 } else { 0 }),
         write: None,
     };
     let mut addrs = vec![];
@@ -255,6 +258,7 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
                 max_request_line: cfg.server.max_request_line.0 as usize,
                 max_headers: cfg.server.max_headers,
                 max_connections: cfg.server.max_connections,
+                keepalive: cfg.server.keepalive_timeout.0,
             },
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
@@ -270,7 +274,7 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
             listeners,
             edge_app,
         );
-        let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4);
+        let mut lc = ListenerConfig::tcp(&l.bind).l4_buffer(l4(l.tls.is_some()));
         if let Some(t) = &l.tls {
             // Ingress mode: certificates may all come from TLS Secrets.
             let ingress = cfg.kubernetes.is_some() || manifests.is_some();

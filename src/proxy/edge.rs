@@ -7,7 +7,8 @@
 //! go straight through; Pingora's own limits and timeouts apply after the first header.
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -24,6 +25,8 @@ pub struct EdgeLimits {
     pub max_request_line: usize,
     pub max_headers: usize,
     pub max_connections: usize,
+    /// How long a kept-alive plain connection may wait for its next request.
+    pub keepalive: Duration,
 }
 
 /// Wraps a Pingora HTTP app (the proxy) with the edge checks.
@@ -151,8 +154,12 @@ async fn first_header(
     buf: &mut Vec<u8>,
 ) -> Result<(), Refusal> {
     let deadline = Instant::now() + limits.header_timeout;
-    let mut chunk = [0u8; 4096];
+    // Read straight into `buf` (no array in this future: an idle connection's task
+    // keeps the future's full size for its whole life).
     loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(2048);
+        }
         if buf.starts_with(b"PRI ") && buf.len() >= H2_PREFACE_LEN {
             // HTTP/2 with prior knowledge, preface complete: Pingora handles it from here.
             return Ok(());
@@ -160,11 +167,8 @@ async fn first_header(
         if buf.starts_with(b"PRI ") {
             // The rest of the h2c preface must arrive within the header timeout too.
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, s.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    continue;
-                }
+            match tokio::time::timeout(left, s.read_buf(buf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
                 _ => return Err(Refusal::Close),
             }
         }
@@ -212,9 +216,9 @@ async fn first_header(
                 )
             });
         }
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+        match tokio::time::timeout(left, s.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(Refusal::Close),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
             Err(_) => {
                 return Err(if buf.is_empty() {
                     Refusal::Close
@@ -230,7 +234,7 @@ async fn first_header(
     }
 }
 
-impl<A: ServerApp + Send + Sync + 'static> Edge<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
     fn forget(&self, fd: i32) {
         if let Ok(mut s) = self.seen.lock() {
             s.remove(&fd);
@@ -240,6 +244,70 @@ impl<A: ServerApp + Send + Sync + 'static> Edge<A> {
     /// Whether this is the first request of the connection on `fd` (and remembers it).
     fn first_time(&self, fd: i32) -> bool {
         self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(false)
+    }
+
+    /// Serves a plain HTTP/1 connection request by request. Between two requests the
+    /// connection waits here, in a small future, for the first byte of the next one;
+    /// Pingora's per-request state (its session, the proxy's request future) exists
+    /// only while a request is being handled, so an idle kept-alive connection costs
+    /// little more than its socket. The wait ends at the keep-alive timeout and at
+    /// shutdown (an idle connection is then closed: no request is lost).
+    async fn serve_h1(
+        self: &Arc<Self>,
+        l4: Box<L4Stream>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut stream: Stream = l4;
+        let mut persisted: Option<HttpPersistentSettings> = None;
+        let mut first = true;
+        loop {
+            let mut session = ServerSession::new_http1(stream);
+            match persisted.take() {
+                Some(p) => p.apply_to_session(&mut session),
+                None if first => {
+                    // What Pingora sets on a new connection (the proxy refines it per request).
+                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                    session.set_keepalive_reuses_remaining(
+                        self.inner
+                            .server_options()
+                            .and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+                None => {}
+            }
+            first = false;
+            let (s, p) = self
+                .inner
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            persisted = p;
+            stream = self.next_request(s, shutdown).await?;
+        }
+    }
+
+    /// Waits for the first byte of the next request on a kept-alive connection, and
+    /// gives the connection back with that byte unread; `None` closes it.
+    async fn next_request(&self, s: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut l4 = match s.into_any().downcast::<L4Stream>() {
+            Ok(l4) => l4,
+            Err(_) => return None,
+        };
+        if *shutdown.borrow() {
+            return None;
+        }
+        let mut shutdown = shutdown.clone();
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            r = tokio::time::timeout(self.limits.keepalive, l4.read(&mut byte)) => match r {
+                Ok(Ok(1)) => {
+                    l4.rewind(&byte);
+                    Some(l4)
+                }
+                _ => None,
+            },
+            _ = shutdown.changed() => None,
+        }
     }
 
     /// Hands the connection to Pingora; forgets it when Pingora is done with it.
@@ -258,7 +326,7 @@ impl<A: ServerApp + Send + Sync + 'static> Edge<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -311,10 +379,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             return None; // checked above
         };
         let mut buf = Vec::with_capacity(1024);
-        match first_header(&mut l4, &self.limits, &mut buf).await {
-            Ok(()) => {
+        match Box::pin(first_header(&mut l4, &self.limits, &mut buf)).await {
+            Ok(()) if buf.starts_with(b"PRI ") => {
                 l4.rewind(&buf);
                 self.pass(l4, fd, shutdown).await
+            }
+            Ok(()) => {
+                l4.rewind(&buf);
+                drop(buf);
+                let r = self.serve_h1(l4, shutdown).await;
+                self.forget(fd);
+                r
             }
             Err(Refusal::Close) => {
                 self.forget(fd);
@@ -405,6 +480,7 @@ mod tests {
             max_request_line: 8192,
             max_headers: 100,
             max_connections: 10,
+            keepalive: Duration::from_secs(60),
         }
     }
 
