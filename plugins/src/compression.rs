@@ -715,3 +715,55 @@ mod tests {
         assert!(build("compression:").is_ok());
     }
 }
+
+/// A micro-benchmark of one whole small-response compression (encoder set-up, the
+/// body, the trailer), ignored by default. Run it with a release build:
+/// `cargo test --release -p portico-plugins -- --ignored compression_bench --nocapture`.
+/// It prints `compression_bench: CODING level L: NS ns/response (OUT bytes)` for a
+/// 2 KiB JSON body, the size the plugin-chain benchmark in bench/ uses.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn compression_bench() {
+        let body: Vec<u8> = (0..40)
+            .flat_map(|i| {
+                format!("{{\"id\":{i},\"name\":\"user-{i}\",\"active\":true}},").into_bytes()
+            })
+            .collect();
+        let body = &body[..body.len().min(2048)];
+        for (c, level) in [
+            (Coding::Gzip, 1),
+            (Coding::Gzip, 6),
+            (Coding::Br, 1),
+            (Coding::Br, 4),
+            (Coding::Zstd, 1),
+            (Coding::Zstd, 3),
+        ] {
+            let iters = 20_000u32;
+            let mut out_len = 0;
+            let mut best = u128::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let Some(mut e) = Encoder::new(c, level) else {
+                        panic!("no encoder for {c:?}")
+                    };
+                    let Ok(out) = e.encode(body, true) else {
+                        panic!("{c:?} failed")
+                    };
+                    out_len = std::hint::black_box(out).len();
+                }
+                best = best.min(t.elapsed().as_nanos() / iters as u128);
+            }
+            println!(
+                "compression_bench: {} level {level}: {best} ns/response ({} -> {out_len} bytes)",
+                c.token(),
+                body.len()
+            );
+        }
+    }
+}
