@@ -194,7 +194,7 @@ def main() -> None:
 
         perf = None
         if args.perf:
-            perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(gw.pid), "-o",
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "--call-graph", "dwarf,32768", "-p", str(gw.pid), "-o",
                                      str(work / "perf.data")], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             time.sleep(1)
