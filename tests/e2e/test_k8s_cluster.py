@@ -326,3 +326,25 @@ def test_httproute_weighted_split_and_header_match(procs, tmp_path, api):
     api.put(route)
     wait_only(gw, "/api/x", {b2.served_by}, "v1 weighted out")
     assert set(backends_seen(gw, "/api/x", 20)) == {b2.served_by}
+
+
+def test_credentials_from_the_environment_or_exit_2(procs, tmp_path, api):
+    b1 = procs.backend("b1")
+    base_objects(api, b1)
+    api.put(ingress("app", [("/app", "web")]))
+    kubeconfig = tmp_path / "from-env"
+    kubeconfig.write_text(api.kubeconfig())
+    # No `kubeconfig:` key: KUBECONFIG names the file.
+    gw = procs.gateway({"kubernetes": {"ingress_class": CLASS}}, start=False,
+                       env={"KUBECONFIG": str(kubeconfig)})
+    gw.start()
+    assert served_by(gw, "/app/x") == b1.served_by
+    # No credentials at all (no KUBECONFIG file, no ~/.kube/config, not in a pod):
+    # a runtime failure at start, with the reason.
+    home = tmp_path / "home"
+    home.mkdir()
+    bad = procs.gateway({"kubernetes": {"ingress_class": CLASS}}, name="nocreds", start=False,
+                        env={"KUBECONFIG": str(tmp_path / "missing"), "HOME": str(home)})
+    bad.start(wait=False)
+    assert bad.wait_exit(20) == 2, bad.log_tail()
+    assert "no Kubernetes credentials" in bad.log_tail(), bad.log_tail()
