@@ -405,6 +405,20 @@ pub fn validate(
                 );
             }
         }
+        if let Some(a) = &k.status_address {
+            let host = a.to_ascii_lowercase();
+            if a.parse::<std::net::IpAddr>().is_err() && !valid_dns_name(&host) {
+                errs.at(
+                    "kubernetes.status_address",
+                    format!("`{a}` is neither an IP address nor a hostname"),
+                );
+            }
+        }
+        if let Some(path) = &k.kubeconfig {
+            if let Err(e) = std::fs::metadata(path) {
+                errs.at("kubernetes.kubeconfig", format!("cannot read `{path}`: {e}"));
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import wait_http_ok, wait_until
+from conftest import run_cli, wait_http_ok, wait_until
 from k8s_apiserver import ApiServer
 
 CLASS = "portico"
@@ -348,3 +348,22 @@ def test_credentials_from_the_environment_or_exit_2(procs, tmp_path, api):
     bad.start(wait=False)
     assert bad.wait_exit(20) == 2, bad.log_tail()
     assert "no Kubernetes credentials" in bad.log_tail(), bad.log_tail()
+
+
+def test_kubernetes_settings_are_validated(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text('listeners: [{name: w, bind: "127.0.0.1:1"}]\n'
+                   "kubernetes:\n"
+                   '  status_address: "not an address!"\n'
+                   f"  kubeconfig: {tmp_path / 'missing'}\n")
+    r = run_cli(["check", "-c", cfg])
+    assert r.returncode == 1, r
+    out = r.stdout + r.stderr
+    assert f"{cfg}:3:19: `not an address!` is neither an IP address nor a hostname" in out, out
+    assert f"{cfg}:4:15: cannot read" in out, out
+    good = tmp_path / "good.yaml"
+    (tmp_path / "kc").write_text("{}")
+    good.write_text('listeners: [{name: w, bind: "127.0.0.1:1"}]\n'
+                    f"kubernetes: {{status_address: lb.example.com, kubeconfig: {tmp_path / 'kc'}}}\n")
+    r = run_cli(["check", "-c", good])
+    assert r.returncode == 0, r.stdout + r.stderr
