@@ -241,13 +241,17 @@ fn valid_traceparent(v: &[u8]) -> bool {
         && (parts[0] != "00" || parts.len() == 4)
 }
 
-fn new_traceparent() -> String {
-    format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        rand64(),
-        rand64() | 1,
-        rand64() | 1
-    )
+fn new_traceparent() -> Option<http::HeaderValue> {
+    // `00-<32 hex trace id>-<16 hex span id>-01`, ids never all zero.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut b = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    for (at, v) in [(3, rand64()), (19, rand64() | 1), (36, rand64() | 1)] {
+        for i in 0..16 {
+            b[at + i] = HEX[((v >> (60 - 4 * i)) & 15) as usize];
+        }
+    }
+    // Only hex digits and dashes: always a valid value.
+    http::HeaderValue::from_bytes(&b).ok()
 }
 
 /// The Pingora peer for an endpoint of `up`, with the upstream's TLS, protocol and
@@ -1431,7 +1435,9 @@ impl ProxyHttp for Proxy {
             .is_some_and(|v| valid_traceparent(v.as_bytes()));
         if !tp_ok {
             req.remove_header("tracestate");
-            req.insert_header("traceparent", new_traceparent())?;
+            if let Some(tp) = new_traceparent() {
+                req.insert_header("traceparent", tp)?;
+            }
         }
         for n in &route.request_headers.remove {
             req.remove_header(n);
@@ -1655,27 +1661,37 @@ impl ProxyHttp for Proxy {
             l.push_str(&crate::gateway::now_rfc3339());
             l.push_str("\",\"request_id\":");
             crate::accesslog::json_str(&mut l, &ctx.request_id);
-            l.push_str(",\"client\":");
-            crate::accesslog::json_str(
-                &mut l,
-                &session
-                    .client_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            );
+            l.push_str(",\"client\":\"");
+            if let Some(a) = session.client_addr() {
+                // An address's text form (IP and port, or a socket path without
+                // quotes or controls in practice) is escaped like any other field.
+                match a.as_inet() {
+                    Some(inet) => {
+                        let _ = write!(l, "{inet}");
+                    }
+                    None => {
+                        let mut q = String::new();
+                        crate::accesslog::json_str(&mut q, &a.to_string());
+                        l.push_str(q.trim_matches('"'));
+                    }
+                }
+            }
+            l.push('"');
             l.push_str(",\"method\":");
             crate::accesslog::json_str(&mut l, req.method.as_str());
             l.push_str(",\"host\":");
             crate::accesslog::json_str(&mut l, &ctx.host);
             l.push_str(",\"path\":");
             crate::accesslog::json_str(&mut l, req.uri.path());
-            let _ = write!(
-                l,
-                ",\"status\":{status},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3},\"route\":",
-                session.body_bytes_read(),
-                session.body_bytes_sent(),
-                elapsed.as_secs_f64() * 1000.0
-            );
+            l.push_str(",\"status\":");
+            crate::accesslog::push_u64(&mut l, status.into());
+            l.push_str(",\"bytes_in\":");
+            crate::accesslog::push_u64(&mut l, session.body_bytes_read() as u64);
+            l.push_str(",\"bytes_out\":");
+            crate::accesslog::push_u64(&mut l, session.body_bytes_sent() as u64);
+            l.push_str(",\"duration_ms\":");
+            crate::accesslog::push_ms(&mut l, elapsed);
+            l.push_str(",\"route\":");
             crate::accesslog::json_str(&mut l, route_name);
             l.push_str(",\"upstream\":");
             crate::accesslog::json_str(
@@ -1767,7 +1783,8 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
         ));
         assert!(!valid_traceparent(b"zz"));
-        assert!(valid_traceparent(new_traceparent().as_bytes()));
+        let tp = new_traceparent().expect("a traceparent");
+        assert!(valid_traceparent(tp.as_bytes()));
     }
 
     #[test]
