@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import run_cli, wait_http_ok, wait_until
+from conftest import free_port, run_cli, wait_http_ok, wait_until
 from k8s_apiserver import ApiServer
 
 CLASS = "portico"
@@ -367,3 +367,41 @@ def test_kubernetes_settings_are_validated(tmp_path):
                     f"kubernetes: {{status_address: lb.example.com, kubeconfig: {tmp_path / 'kc'}}}\n")
     r = run_cli(["check", "-c", good])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_tls_secrets_through_the_watch(procs, tmp_path, api):
+    from test_edge_tls import PKI
+    from test_k8s_manifests import _tls_get, _tls_secret
+
+    pki = PKI(tmp_path / "pki")
+    first = pki.leaf("one", "one.k8s.test", ["DNS:one.k8s.test"], 0x3001)
+    second = pki.leaf("one-b", "one.k8s.test", ["DNS:one.k8s.test", "DNS:alt.k8s.test"], 0x3002)
+    b1 = procs.backend("b1")
+    base_objects(api, b1)
+    api.put({"kind": "Secret", "metadata": {"name": "opaque", "namespace": "default"},
+             "type": "Opaque", "data": {"password": "c2VjcmV0"}})
+    tls_port = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(api.kubeconfig())
+    gw = procs.gateway({"listeners": [{"name": "web", "bind": f"127.0.0.1:{free_port()}"},
+                                      {"name": "tls", "bind": f"127.0.0.1:{tls_port}", "tls": {}}],
+                        "kubernetes": {"ingress_class": CLASS, "kubeconfig": str(kubeconfig)}})
+    tls_ingress = ingress("secure", [("/", "web")], host="one.k8s.test")
+    tls_ingress["spec"]["tls"] = [{"hosts": ["one.k8s.test"], "secretName": "one-tls"}]
+    api.put(tls_ingress)
+    # The Secret arrives after the Ingress: the watch brings it, SNI serves it.
+    api.put(_tls_secret("default", "one-tls", first))
+
+    def sans():
+        return _tls_get(tls_port, pki.ca_crt, "one.k8s.test")[0]
+
+    wait_until(lambda: sans() == ["one.k8s.test"], 5, what="the Secret's certificate served")
+    _, body = _tls_get(tls_port, pki.ca_crt, "one.k8s.test")
+    assert f"x-served-by: {b1.served_by}" in body.lower(), body[:400]
+    # A rotated Secret (MODIFIED) is served without a restart.
+    api.put(_tls_secret("default", "one-tls", second))
+    wait_until(lambda: sans() == ["one.k8s.test", "alt.k8s.test"], 5, what="the rotated certificate")
+    # Only kubernetes.io/tls Secrets are asked for.
+    secret_calls = [p for _, p in api.requests if "/secrets" in p]
+    assert secret_calls and all("fieldSelector=type%3Dkubernetes.io%2Ftls" in p for p in secret_calls), \
+        secret_calls
