@@ -6,8 +6,10 @@ with real requests through the gateway to real demo backends: Ingress and Endpoi
 changes reach routing within 1 s, an API server outage keeps routing as it was and a
 restart with a fresh history (410 Gone on the old resourceVersion) resyncs, Ingress
 status gets the configured address, `/readyz` waits for the first full sync, missing
-Gateway API CRDs do not stop Ingress handling, and an HTTPRoute with a weighted split
-and a header match routes as written.
+Gateway API CRDs do not stop Ingress handling, an HTTPRoute with a weighted split
+and a header match routes as written, TLS Secrets arrive and rotate through the watch,
+credentials come from the config or `KUBECONFIG` (none: exit 2), and the `kubernetes`
+settings are validated.
 """
 
 from __future__ import annotations
