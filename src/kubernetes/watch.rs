@@ -3,13 +3,14 @@
 //! One kube-rs `watcher` stream runs per watched kind and namespace (Ingresses,
 //! IngressClasses, Services, EndpointSlices, `kubernetes.io/tls` Secrets, and the Gateway
 //! API's GatewayClasses, Gateways and HTTPRoutes as dynamic objects). Every stream sends
-//! what it sees to one sync task that owns the state: a finished (re-)list replaces that
-//! stream's share of the state, watch events upsert or remove single objects. The sync
-//! task applies the state through `Controller::apply` (translate, validate, compile, swap)
-//! debounced, so a burst of events is one swap, and only once every stream has finished
-//! its first list: until then `/readyz` answers 503 (the readiness gate this module hands
-//! back). A kind the API server does not serve (the Gateway API CRDs not installed: 404)
-//! counts as listed and empty, and is retried slowly in case it appears.
+//! what it sees to one sync task: a finished (re-)list replaces that stream's share of
+//! the state, watch events upsert or remove single objects. The sync task gathers the
+//! state until every stream has finished its first list (until then `/readyz` answers
+//! 503: `Gateway::sources_synced`), hands it to the controller, and from then on changes
+//! the controller's state in place (`Controller::update`: translate, validate, compile,
+//! swap), debounced, so a burst of events is one swap and no apply copies the state. A
+//! kind the API server does not serve (the Gateway API CRDs not installed: 404) counts as
+//! listed and empty, and is retried slowly in case it appears.
 //!
 //! Failures never clear the state: while the API server is unreachable the gateway keeps
 //! serving what it last applied, each stream reconnects with jittered exponential backoff,
