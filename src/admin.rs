@@ -1,7 +1,9 @@
 //! The admin listener: health, readiness, metrics and the state of the running
 //! gateway as JSON. It binds to loopback by default; on any other address every
 //! request must carry `Authorization: Bearer <token>` (the token comes from the
-//! environment variable named by `admin.token_env`). `/config` never shows secrets.
+//! environment variable named by `admin.token_env`), except `GET /healthz` and
+//! `GET /readyz`, which tell nothing but up/ready and must answer load-balancer and
+//! kubelet probes that cannot send a token. `/config` never shows secrets.
 
 use crate::gateway::Gateway;
 use crate::snapshot::Snapshot;
@@ -366,7 +368,11 @@ impl ServeHttp for Admin {
             }
             body.extend_from_slice(&chunk);
         }
-        if !self.authorized(session) {
+        let probe = matches!(
+            session.req_header().method,
+            http::Method::GET | http::Method::HEAD
+        ) && matches!(session.req_header().uri.path(), "/healthz" | "/readyz");
+        if !probe && !self.authorized(session) {
             return reply(
                 401,
                 json!({"error": "unauthorized", "message": "admin API needs a bearer token"}),

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import (REQUEST_ID_HEADER, KeepAliveClient, assert_gateway_error, free_port, metric_samples, metric_sum,
+                      run_cli,
                       parse_metrics, wait_until)
 
 TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -363,3 +364,40 @@ def test_access_log(env):
     for entry in gw.access_log_entries():
         missing = [f for f in ACCESS_FIELDS if f not in entry]
         assert not missing, f"access log line lacks {missing}: {entry}"
+
+
+def test_admin_off_loopback_needs_a_token(procs, tmp_path):
+    """An admin listener on a non-loopback address is refused without `token_env`; with
+    one, every admin request needs the bearer token except the health probes."""
+    be = procs.backend("a")
+    port = free_port()
+    base = {"upstreams": {"a": {"endpoints": [be.address]}},
+            "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "a"}]}
+    open_cfg = dict(base, admin={"bind": f"0.0.0.0:{port}"})
+    bad = procs.gateway(open_cfg, name="open", start=False)
+    res = run_cli(["check", "-c", bad.config_path])
+    assert res.returncode == 1, res
+    assert "token" in (res.stdout + res.stderr), res
+
+    token = "s3cret-admin-token-0123456789"
+    gw = procs.gateway(dict(base, admin={"bind": f"0.0.0.0:{port}", "token_env": "PORTICO_TEST_ADMIN_TOKEN"}),
+                       name="tokened", start=False, env={"PORTICO_TEST_ADMIN_TOKEN": token})
+    gw.admin_port = port
+    gw.start()
+    # Probes answer without a token (load balancers and kubelets cannot send one).
+    assert gw.admin("GET", "/healthz").status == 200
+    assert gw.admin("GET", "/readyz").status == 200
+    for method, path in [("GET", "/config"), ("GET", "/metrics"), ("GET", "/routes"), ("POST", "/reload"),
+                         ("GET", "/upstreams"), ("GET", "/registry/services")]:
+        for headers in [None, {"Authorization": "Bearer wrong"}, {"Authorization": token}]:
+            r = gw.admin(method, path, headers=headers)
+            assert r.status == 401, (method, path, headers, r)
+            assert r.json()["error"] == "unauthorized"
+    r = gw.admin("GET", "/config", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200, r
+    assert token not in r.text
+    assert gw.admin("POST", "/reload", headers={"Authorization": f"Bearer {token}"}).status == 200
+    # The token never reaches the access log or the gateway's own log.
+    assert gw.get("/").status == 200
+    time.sleep(0.3)
+    assert token not in gw.log_tail(2000)
