@@ -416,7 +416,10 @@ pub fn validate(
         }
         if let Some(path) = &k.kubeconfig {
             if let Err(e) = std::fs::metadata(path) {
-                errs.at("kubernetes.kubeconfig", format!("cannot read `{path}`: {e}"));
+                errs.at(
+                    "kubernetes.kubeconfig",
+                    format!("cannot read `{path}`: {e}"),
+                );
             }
         }
     }
