@@ -117,7 +117,14 @@ pub fn main() -> i32 {
         .unwrap_or_else(|| PathBuf::from("config/portico.yaml"));
     match cli.cmd.unwrap_or(Cmd::Run { upgrade: false }) {
         Cmd::Run { upgrade } => crate::server::run(cfg_path, upgrade),
-        Cmd::Ingress { manifests } => crate::server::run_with(cfg_path, false, Some(manifests)),
+        Cmd::Ingress { manifests } => match crate::kubernetes::manifests::check_dir(&manifests) {
+            // Invalid input, like a bad config file: exit 1 before anything starts.
+            Err(e) => {
+                eprintln!("portico ingress: --manifests {e}");
+                1
+            }
+            Ok(()) => crate::server::run_with(cfg_path, false, Some(manifests)),
+        },
         Cmd::Check => check(&cfg_path),
         Cmd::Routes {
             method,

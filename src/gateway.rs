@@ -229,8 +229,9 @@ impl Gateway {
         let name = self.config_path.display().to_string();
         let prev = self.current();
         let version = prev.version + 1;
+        let cfg = Arc::new(cfg);
         sync_static(&self.registry, &cfg);
-        match snapshot::compile(
+        match snapshot::compile_shared(
             &cfg,
             Some(&prev),
             Some(&self.bg),
@@ -275,7 +276,7 @@ impl Gateway {
     pub fn recompile(&self, why: &str) {
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let prev = self.current();
-        match snapshot::compile(
+        match snapshot::compile_shared(
             &prev.config,
             Some(&prev),
             Some(&self.bg),

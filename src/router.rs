@@ -38,6 +38,8 @@ pub struct Matcher {
     /// Lower-cased exact hosts and `*.suffix` wildcards (stored as `.suffix`).
     pub exact_hosts: Vec<String>,
     pub wildcard_hosts: Vec<String>,
+    /// A wildcard covers exactly one label (Kubernetes routes), not one or more.
+    pub one_label_wildcards: bool,
     pub path: PathMatch,
     pub methods: Vec<http::Method>,
     pub headers: Vec<(http::HeaderName, ValueMatch)>,
@@ -53,6 +55,14 @@ pub struct PathRank {
 }
 
 impl Matcher {
+    /// Whether `host`, known to end with the wildcard `suffix` (`.example.com`), is
+    /// covered: one or more labels before it, or exactly one for Kubernetes routes.
+    fn wildcard_covers(&self, host: &str, suffix: &str) -> bool {
+        let label = &host[..host.len() - suffix.len()];
+        let too_deep = self.one_label_wildcards && label.contains('.');
+        !label.is_empty() && !too_deep
+    }
+
     /// The static part of the precedence.
     pub fn rank(&self) -> PathRank {
         let (kind, len) = match &self.path {
@@ -260,7 +270,11 @@ impl<R> Table<R> {
         }
         for (suffix, ids) in &self.wildcard {
             if req.host.len() > suffix.len() && req.host.ends_with(suffix.as_str()) {
-                if let Some(i) = try_group(ids, params) {
+                let found = ids.iter().copied().find(|&i| {
+                    let m = &self.matchers[i];
+                    m.wildcard_covers(req.host, suffix) && m.matches_rest(req, params).is_ok()
+                });
+                if let Some(i) = found {
                     return Some(&self.routes[i]);
                 }
             }
@@ -290,7 +304,9 @@ impl<R> Table<R> {
         for (suffix, ids) in &self.wildcard {
             if req.host.len() > suffix.len() && req.host.ends_with(suffix.as_str()) {
                 for &i in ids {
-                    push(i, format!("wildcard host *{suffix}"), &mut out);
+                    if self.matchers[i].wildcard_covers(req.host, suffix) {
+                        push(i, format!("wildcard host *{suffix}"), &mut out);
+                    }
                 }
             }
         }
@@ -360,6 +376,7 @@ pub fn compile_matcher(m: &crate::config::model::Match) -> Result<Matcher, Strin
     Ok(Matcher {
         exact_hosts,
         wildcard_hosts,
+        one_label_wildcards: m.one_label_wildcards,
         path,
         methods,
         headers,
@@ -440,5 +457,40 @@ mod tests {
         assert_eq!(normalize_path("/a/./b/"), "/a/b/");
         assert_eq!(normalize_path("/../../etc"), "/etc");
         assert_eq!(normalize_path("/plain/path"), "/plain/path");
+    }
+
+    #[test]
+    fn wildcards_cover_one_or_more_labels_or_exactly_one() {
+        let route = |one: bool| {
+            let m = crate::config::model::Match {
+                hosts: vec!["*.example.com".into()],
+                one_label_wildcards: one,
+                ..Default::default()
+            };
+            (Arc::new(one), Arc::new(compile_matcher(&m).unwrap()))
+        };
+        let headers = http::HeaderMap::new();
+        let find = |t: &Table<bool>, host: &str| {
+            let req = RequestInfo {
+                method: &http::Method::GET,
+                host,
+                path: "/",
+                query: None,
+                headers: &headers,
+            };
+            t.find(&req, &mut vec![]).map(|r| **r)
+        };
+        let file = Table::new(vec![route(false)]);
+        assert_eq!(find(&file, "a.example.com"), Some(false));
+        assert_eq!(find(&file, "a.b.example.com"), Some(false));
+        assert_eq!(find(&file, "example.com"), None);
+        let k8s = Table::new(vec![route(true)]);
+        assert_eq!(find(&k8s, "a.example.com"), Some(true));
+        assert_eq!(find(&k8s, "a.b.example.com"), None);
+        assert_eq!(find(&k8s, ".example.com"), None);
+        // both kinds on one suffix: each route keeps its own rule
+        let both = Table::new(vec![route(true), route(false)]);
+        assert_eq!(find(&both, "a.example.com"), Some(true));
+        assert_eq!(find(&both, "a.b.example.com"), Some(false));
     }
 }

@@ -212,9 +212,30 @@ pub fn compile(
     version: u64,
     registry: Option<&Arc<crate::registry::Registry>>,
 ) -> Result<Snapshot, String> {
+    compile_shared(&Arc::new(cfg.clone()), prev, rt, metrics, version, registry)
+}
+
+/// `compile` of a config already behind an `Arc`, which the snapshot then shares
+/// rather than copies (a Kubernetes config of thousands of routes and upstreams).
+pub fn compile_shared(
+    cfg: &Arc<Config>,
+    prev: Option<&Snapshot>,
+    rt: Option<&tokio::runtime::Handle>,
+    metrics: &crate::metrics::Metrics,
+    version: u64,
+    registry: Option<&Arc<crate::registry::Registry>>,
+) -> Result<Snapshot, String> {
+    let config = Arc::clone(cfg);
+    let cfg: &Config = cfg;
     let mut upstreams = BTreeMap::new();
     for (name, spec) in &cfg.upstreams {
         let old = prev.and_then(|p| p.upstreams.get(name));
+        // An unchanged upstream with fixed endpoints is the same `Arc`, found without
+        // copying its endpoint list (thousands of upstreams on a Kubernetes change).
+        if let Some(o) = old.filter(|o| spec.discovery.is_none() && o.spec == *spec) {
+            upstreams.insert(name.clone(), Arc::clone(o));
+            continue;
+        }
         let resolved: Vec<model::EndpointSpec> = match &spec.discovery {
             Some(d) => {
                 let service = match &d.service {
@@ -391,7 +412,7 @@ pub fn compile(
     }
     Ok(Snapshot {
         version,
-        config: Arc::new(cfg.clone()),
+        config,
         table: Table::new(routes),
         upstreams,
         trusted_proxies: cfg

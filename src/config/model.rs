@@ -540,6 +540,12 @@ pub struct Match {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub query: BTreeMap<String, String>,
+    /// `*.suffix` hosts cover exactly one label (`a.suffix`, not `a.b.suffix`), as a
+    /// Kubernetes Ingress host does. Set by the Kubernetes translation of Ingresses
+    /// only; not a file key (file wildcards, like Gateway API hostnames, cover one or
+    /// more labels).
+    #[serde(skip)]
+    pub one_label_wildcards: bool,
 }
 
 /// One arm of a weighted split.

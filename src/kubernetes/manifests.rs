@@ -76,11 +76,22 @@ pub fn load_text(text: &str, file: &str, state: &mut ClusterState, problems: &mu
     }
 }
 
+/// Checks that `dir` is a folder Portico can read manifests from; the error says
+/// which path and why.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{}: not a folder", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("{}: no such folder", dir.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
+}
+
 /// Reads `dir` and applies it once, then re-reads it on every change.
 pub fn start(ctl: Arc<Controller>, dir: PathBuf) -> Result<(), String> {
-    if !dir.is_dir() {
-        return Err(format!("{}: not a folder", dir.display()));
-    }
+    check_dir(&dir)?;
     apply_dir(&ctl, &dir)?;
     let debounce = ctl.debounce();
     let (tx, rx) = std::sync::mpsc::channel::<()>();

@@ -6,9 +6,12 @@
 //! settings, the file's own upstreams and routes) into the same `Config` model a file
 //! gives, and the `Controller` swaps it in through the gateway's normal
 //! compile-and-swap path (`Gateway::apply_config`). There is no second routing path:
-//! each change is a full translation and a compile that reuses unchanged upstreams and
-//! plugins of the previous snapshot. A reload of the base file (file watcher, SIGHUP,
-//! `POST /reload`) re-translates the last state onto the new base.
+//! each change gives a whole new config, but the controller's `Translator` rebuilds
+//! only the fragments of the objects a change touches (an Ingress, the Ingresses of a
+//! changed Service or EndpointSlice, a changed TLS Secret), and the compile reuses
+//! unchanged upstreams and plugins of the previous snapshot. A reload of the base
+//! file (file watcher, SIGHUP, `POST /reload`) re-translates the last state onto the
+//! new base.
 
 pub mod manifests;
 pub mod objects;
@@ -40,6 +43,8 @@ struct Inner {
     rejected: BTreeMap<String, String>,
     /// The Secret certificates last handed to the TLS listeners.
     certs: Vec<crate::tls::PemCert>,
+    /// Remembers each object's translation, so a change re-translates what it touches.
+    translator: translate::Translator,
 }
 
 impl Controller {
@@ -54,15 +59,15 @@ impl Controller {
                 state: None,
                 rejected: BTreeMap::new(),
                 certs: vec![],
+                translator: translate::Translator::default(),
             }),
         });
         let weak = Arc::downgrade(&ctl);
-        let hook: crate::gateway::SourceHook = Arc::new(move |cfg: Config, why: &str| {
-            match weak.upgrade() {
+        let hook: crate::gateway::SourceHook =
+            Arc::new(move |cfg: Config, why: &str| match weak.upgrade() {
                 Some(c) => c.rebase(cfg, why),
                 None => Err(vec!["the ingress controller has stopped".to_string()]),
-            }
-        });
+            });
         *gw.source_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
         ctl
     }
@@ -109,7 +114,16 @@ impl Controller {
     fn apply_locked(&self, inner: &mut Inner, why: &str) -> Result<u64, Vec<String>> {
         let empty = ClusterState::default();
         let state = inner.state.as_ref().unwrap_or(&empty);
-        let t = translate::translate(state, &inner.base, &inner.settings);
+        let started = std::time::Instant::now();
+        let t = inner
+            .translator
+            .translate(state, &inner.base, &inner.settings);
+        log::debug!(
+            "kubernetes: translated {} objects in {:?} ({} fragments rebuilt)",
+            state.len(),
+            started.elapsed(),
+            inner.translator.rebuilt()
+        );
         let now: BTreeMap<String, String> = t
             .rejected
             .iter()
@@ -128,7 +142,12 @@ impl Controller {
         inner.rejected = now;
         let version = self.gw.apply_config(t.config, why)?;
         if t.certificates != inner.certs {
-            let snis = self.gw.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let snis = self
+                .gw
+                .tls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             for sni in &snis {
                 for e in sni.set_memory(&t.certificates) {
                     log::warn!("kubernetes: listener {}: {e}", sni.listener);

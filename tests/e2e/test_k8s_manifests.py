@@ -170,6 +170,10 @@ def test_name_based_virtual_hosting_and_wildcards(procs, tmp_path):
     assert served_by(get(gw, "gamma.k8s.test", "/x")) == "wild"
     assert served_by(get(gw, "alpha.k8s.test:8080", "/")) == "alpha"
     assert get(gw, "k8s.test", "/").status == 404
+    # an Ingress wildcard covers exactly one label (unlike a file route's `*.` host)
+    assert served_by(get(gw, "GAMMA.k8s.test.", "/x")) == "wild"
+    assert get(gw, "a.b.k8s.test", "/x").status == 404
+    assert get(gw, ".k8s.test", "/x").status == 404
 
 
 def test_default_backend_class_selection_and_conflicts(procs, tmp_path):
@@ -367,4 +371,9 @@ def test_ingress_help_and_bad_folder(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("listeners: [{name: web, bind: '127.0.0.1:0'}]\nadmin: {bind: '127.0.0.1:0'}\n")
     r = run_cli(["ingress", "-c", cfg, "--manifests", tmp_path / "missing"], timeout=30)
-    assert r.returncode != 0 and "missing" in r.stderr, r
+    # a missing folder is invalid input: exit 1, and the message names the folder
+    assert r.returncode == 1 and "missing: no such folder" in r.stderr, r
+    afile = tmp_path / "afile.yaml"
+    afile.write_text("{}\n")
+    r = run_cli(["ingress", "-c", cfg, "--manifests", afile], timeout=30)
+    assert r.returncode == 1 and "afile.yaml: not a folder" in r.stderr, r
