@@ -129,9 +129,9 @@ enum TokenFrom {
 pub struct Jwt {
     algorithms: Vec<Algorithm>,
     keys: Keys,
-    /// A validation template (leeway, iss, aud, required spec claims); its algorithm
-    /// list is replaced by the token's (already checked) algorithm.
-    validation: Validation,
+    /// One validation (leeway, iss, aud, required spec claims) per accepted algorithm,
+    /// each pinned to its algorithm: built once, so a request clones no sets of strings.
+    validations: Vec<(Algorithm, Validation)>,
     required: Vec<String>,
     forward: Vec<(String, http::HeaderName)>,
     from: TokenFrom,
@@ -331,10 +331,18 @@ impl Jwt {
         spec.dedup();
         validation.set_required_spec_claims(&spec);
 
+        let validations = algorithms
+            .iter()
+            .map(|a| {
+                let mut v = validation.clone();
+                v.algorithms = vec![*a];
+                (*a, v)
+            })
+            .collect();
         Ok(Jwt {
             algorithms,
             keys,
-            validation,
+            validations,
             required: s.required_claims,
             forward,
             from,
@@ -408,9 +416,13 @@ impl Jwt {
                 &held.key
             }
         };
-        let mut v = self.validation.clone();
-        v.algorithms = vec![alg];
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &v)
+        let v = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("algorithm {alg:?} is not accepted"))?;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, v)
             .map_err(|e| describe(e.kind()))?;
         let claims = data.claims;
         let obj = claims
