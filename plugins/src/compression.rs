@@ -14,7 +14,8 @@
 //!
 //! Cost: a zlib-ng deflate stream is a ~330 KB allocation, so gzip and deflate streams
 //! are kept in a small per-thread pool and reset (`deflateReset`) for the next
-//! response instead of being made afresh. The default gzip/deflate level is 1, as
+//! response instead of being made afresh; zstd contexts are pooled the same way
+//! (a session reset keeps their tables). brotli encoders are still made per response. The default gzip/deflate level is 1, as
 //! nginx's: on a 2 KiB JSON answer level 6 costs about three times as much CPU as
 //! level 1 for output about a quarter smaller (see the `compression_bench` test).
 
@@ -387,8 +388,8 @@ pub enum Encoder {
     Deflate(Option<DeflateStream>),
     /// brotli.
     Br(Option<Box<brotli::CompressorWriter<Vec<u8>>>>),
-    /// zstd (its encoder is not `Sync`; the mutex is never contended).
-    Zstd(Option<Mutex<zstd::stream::write::Encoder<'static, Vec<u8>>>>),
+    /// zstd: a pooled compression context, see [`ZstdStream`].
+    Zstd(Option<ZstdStream>),
 }
 
 /// What a pooled deflate stream was made for: gzip or zlib framing, and the level.
@@ -403,10 +404,105 @@ struct DeflateKind {
 /// stream busy with a long response is not idle, so this bounds only the cache.
 const POOL_PER_THREAD: usize = 8;
 
+/// A per-thread pool of idle compressors of one kind, keyed by what they were made for.
+type Pool<K, T> = std::thread::LocalKey<std::cell::RefCell<Vec<(K, T)>>>;
+
 thread_local! {
     /// Idle deflate streams of this thread, reset when taken.
     static DEFLATE_POOL: std::cell::RefCell<Vec<(DeflateKind, flate2::Compress)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// Idle zstd contexts of this thread (keyed by level), reset when taken.
+    static ZSTD_POOL: std::cell::RefCell<Vec<(i32, zstd::stream::raw::Encoder<'static>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An idle compressor made for `key`, if this thread has one.
+fn pool_take<K: PartialEq + 'static, T: 'static>(pool: &'static Pool<K, T>, key: &K) -> Option<T> {
+    pool.try_with(|p| {
+        let mut p = p.try_borrow_mut().ok()?;
+        let i = p.iter().rposition(|(k, _)| k == key)?;
+        Some(p.swap_remove(i).1)
+    })
+    .ok()
+    .flatten()
+}
+
+/// Keeps `item` for reuse unless the pool is full (or gone: thread teardown).
+fn pool_put<K: 'static, T: 'static>(pool: &'static Pool<K, T>, key: K, item: T) {
+    let _ = pool.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if p.len() < POOL_PER_THREAD {
+                p.push((key, item));
+            }
+        }
+    });
+}
+
+/// A zstd compression context taken from (and given back to, on drop) a per-thread
+/// pool. A reused context keeps its tables: zstd resets a session without clearing
+/// them, where a new one allocates and initialises them for every response.
+pub struct ZstdStream {
+    level: i32,
+    /// The context is not `Sync`; the mutex is never contended.
+    enc: Option<Mutex<zstd::stream::raw::Encoder<'static>>>,
+}
+
+impl ZstdStream {
+    fn take(level: i32) -> Option<ZstdStream> {
+        use zstd::stream::raw::Operation;
+        let enc = match pool_take(&ZSTD_POOL, &level) {
+            Some(mut e) => {
+                e.reinit().ok()?;
+                e
+            }
+            None => zstd::stream::raw::Encoder::new(level).ok()?,
+        };
+        Some(ZstdStream {
+            level,
+            enc: Some(Mutex::new(enc)),
+        })
+    }
+
+    /// Compresses all of `input` into `out`, then flushes or ends the frame.
+    fn run(&mut self, input: &[u8], end: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let enc = self
+            .enc
+            .as_mut()
+            .ok_or(std::io::ErrorKind::Other)?
+            .get_mut()
+            .map_err(|_| std::io::ErrorKind::Other)?;
+        out.reserve(input.len() / 2 + 64);
+        let mut inb = InBuffer::around(input);
+        loop {
+            if out.capacity() - out.len() < 64 {
+                out.reserve(out.capacity().max(1024));
+            }
+            let pos = out.len();
+            let mut outb = OutBuffer::around_pos(out, pos);
+            if inb.pos() < input.len() {
+                enc.run(&mut inb, &mut outb)?;
+                continue;
+            }
+            // What zstd still holds back; 0 once all of it is out.
+            let left = if end {
+                enc.finish(&mut outb, true)?
+            } else {
+                enc.flush(&mut outb)?
+            };
+            if left == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for ZstdStream {
+    fn drop(&mut self) {
+        if let Some(Ok(e)) = self.enc.take().map(Mutex::into_inner) {
+            pool_put(&ZSTD_POOL, self.level, e);
+        }
+    }
 }
 
 /// A zlib-ng deflate stream taken from (and given back to, on drop) a per-thread
@@ -420,15 +516,7 @@ pub struct DeflateStream {
 
 impl DeflateStream {
     fn take(kind: DeflateKind) -> DeflateStream {
-        let pooled = DEFLATE_POOL
-            .try_with(|p| {
-                let mut p = p.borrow_mut();
-                let i = p.iter().rposition(|(k, _)| *k == kind)?;
-                Some(p.swap_remove(i).1)
-            })
-            .ok()
-            .flatten();
-        let compress = match pooled {
+        let compress = match pool_take(&DEFLATE_POOL, &kind) {
             Some(mut c) => {
                 c.reset();
                 c
@@ -488,15 +576,7 @@ impl DeflateStream {
 impl Drop for DeflateStream {
     fn drop(&mut self) {
         if let Some(c) = self.compress.take() {
-            let kind = self.kind;
-            // During thread teardown the pool is gone: the stream is just freed.
-            let _ = DEFLATE_POOL.try_with(|p| {
-                if let Ok(mut p) = p.try_borrow_mut() {
-                    if p.len() < POOL_PER_THREAD {
-                        p.push((kind, c));
-                    }
-                }
-            });
+            pool_put(&DEFLATE_POOL, self.kind, c);
         }
     }
 }
@@ -519,9 +599,7 @@ impl Encoder {
                 // A 512 KiB window (as Pingora's own compressor): bounded memory per stream.
                 19,
             )))),
-            Coding::Zstd => Encoder::Zstd(Some(Mutex::new(
-                zstd::stream::write::Encoder::new(Vec::new(), level).ok()?,
-            ))),
+            Coding::Zstd => Encoder::Zstd(Some(ZstdStream::take(level)?)),
         })
     }
 
@@ -550,43 +628,37 @@ impl Encoder {
             }
         }
         match self {
-            Encoder::Deflate(s) => {
-                let Some(d) = s.as_mut() else {
-                    return Ok(Vec::new());
-                };
-                let mut out = Vec::new();
+            Encoder::Deflate(s) => pooled_step(s, end, |d, out| {
                 let flush = if end {
                     flate2::FlushCompress::Finish
                 } else {
                     flate2::FlushCompress::Sync
                 };
-                let r = d.run(input, flush, &mut out);
-                if end || r.is_err() {
-                    // Back to the pool now, not when the response's context goes.
-                    *s = None;
-                }
-                r.map(|()| out)
-            }
+                d.run(input, flush, out)
+            }),
             Encoder::Br(s) => step(s, input, end, |w| w.get_mut(), |w| Ok(w.into_inner())),
-            Encoder::Zstd(s) => {
-                let Some(m) = s.as_mut() else {
-                    return Ok(Vec::new());
-                };
-                let w = m.get_mut().map_err(|_| std::io::ErrorKind::Other)?;
-                if !input.is_empty() {
-                    w.write_all(input)?;
-                }
-                if end {
-                    let m = s.take().ok_or(std::io::ErrorKind::Other)?;
-                    let w = m.into_inner().map_err(|_| std::io::ErrorKind::Other)?;
-                    w.finish()
-                } else {
-                    w.flush()?;
-                    Ok(std::mem::take(w.get_mut()))
-                }
-            }
+            Encoder::Zstd(s) => pooled_step(s, end, |z, out| z.run(input, end, out)),
         }
     }
+}
+
+/// One step of a pooled stream: `run` compresses into a fresh buffer; at the end (or
+/// on an error) the stream goes back to its pool at once, not when the response's
+/// context is dropped.
+fn pooled_step<S>(
+    slot: &mut Option<S>,
+    end: bool,
+    run: impl FnOnce(&mut S, &mut Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
+    let Some(stream) = slot.as_mut() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let r = run(stream, &mut out);
+    if end || r.is_err() {
+        *slot = None;
+    }
+    r.map(|()| out)
 }
 
 impl BodyFilter for Encoder {
@@ -730,7 +802,7 @@ mod tests {
         let b: Vec<u8> = (0..5_000u32)
             .flat_map(|i| format!("b{i};").into_bytes())
             .collect();
-        for c in [Coding::Gzip, Coding::Deflate] {
+        for c in [Coding::Gzip, Coding::Deflate, Coding::Zstd] {
             for _ in 0..3 {
                 let mut abandoned = Encoder::new(c, 1).unwrap();
                 assert!(abandoned
@@ -754,8 +826,12 @@ mod tests {
             let out = l9.filter(Some(Bytes::from(a.clone())), true).unwrap();
             assert_eq!(decode(c, &out), a, "{c:?} level 9");
         }
-        let pooled = DEFLATE_POOL.with(|p| p.borrow().len());
-        assert!((1..=POOL_PER_THREAD).contains(&pooled), "{pooled} pooled");
+        for pooled in [
+            DEFLATE_POOL.with(|p| p.borrow().len()),
+            ZSTD_POOL.with(|p| p.borrow().len()),
+        ] {
+            assert!((1..=POOL_PER_THREAD).contains(&pooled), "{pooled} pooled");
+        }
     }
 
     #[test]
