@@ -7,7 +7,9 @@
 # fixed-rate runs for CPU and latency. Each scenario reports ratios against its
 # target:
 #   tls        (issue 3) full TLS handshakes/s (openssl s_time -new) and HTTP/2
-#              req/s over TLS (h2load), Portico vs nginx vs HAProxy
+#              req/s over TLS (h2load), Portico vs nginx vs HAProxy; for HTTP/2
+#              also bare Pingora (bench/bare-pingora --tls) and nginx with
+#              Pingora's default upstream keep-alive pool (128)
 #   plugins    (issue 4) jwt (HS256) + rate_limit + compression on a 2 KiB JSON
 #              answer vs the plain proxy; optional JWT micro-benchmark (--jwt-bench)
 #   cache      (issue 5) cache hits vs proxied; retries + circuit breaker +
@@ -93,11 +95,17 @@ PORTICO_TLS_PORT=28443
 PORTICO_TLS_ADMIN_PORT=28902
 NGINX_TLS_PORT=28444
 HAPROXY_TLS_PORT=28445
+BARE_TLS_PORT=28446
+NGINX128_TLS_PORT=28447
+# Idle upstream keep-alive connections: Portico keeps 1,024 per worker thread, and
+# the HTTP/2 comparison gives nginx and bare Pingora the same (nginx-ka128: 128).
+UPSTREAM_POOL=1024
 
 BODY='portico bench backend: a fixed 100-byte body so every proxy moves the same bytes xxxxxxxxxxxxxxxxxx'
 
 LOADGEN=$BENCH/loadgen/target/release/loadgen
 PORTICO_BIN=${BENCH_PORTICO_BIN:-$ROOT/target/release/portico}
+BARE_BIN=${BENCH_BARE_BIN:-$ROOT/target/release/bare-pingora}
 
 for tool in nginx haproxy wrk h2load openssl taskset curl ss python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install nginx-light haproxy wrk nghttp2-client openssl util-linux curl iproute2 python3)"
@@ -451,6 +459,10 @@ start_proxy() {
         portico-http) STOP_SIG=INT; start_bg "$PROXY_CORE" "$WORK/portico-http.out" env BENCH_JWT_SECRET="$JWT_SECRET" "$PORTICO_BIN" run -c "$WORK/portico-http.yaml" ;;
         portico) STOP_SIG=INT; start_bg "$PROXY_CORE" "$WORK/portico-tls.out" "$PORTICO_BIN" run -c "$WORK/portico-tls.yaml" ;;
         nginx) STOP_SIG=TERM; start_bg "$PROXY_CORE" "$WORK/tls-nginx.out" nginx -c "$WORK/tls-nginx.conf" -p "$WORK" ;;
+        nginx-ka128) STOP_SIG=TERM; start_bg "$PROXY_CORE" "$WORK/tls-nginx-ka128.out" nginx -c "$WORK/tls-nginx-ka128.conf" -p "$WORK" ;;
+        bare-pingora) STOP_SIG=INT; start_bg "$PROXY_CORE" "$WORK/tls-bare-pingora.out" "$BARE_BIN" \
+            --listen "127.0.0.1:$BARE_TLS_PORT" --upstream "127.0.0.1:$BACKEND_PORT" \
+            --keepalive-pool "$UPSTREAM_POOL" --tls "$CERT" "$KEY" ;;
         haproxy) STOP_SIG=TERM; start_bg "$PROXY_CORE" "$WORK/tls-haproxy.out" haproxy -db -f "$WORK/tls-haproxy.cfg" ;;
     esac
     PROXY_PID=$BG_PID
@@ -488,7 +500,8 @@ NOFILE=$(ulimit -n)
 MAXCONN=$(((NOFILE - 200) / 2))
 ((MAXCONN > 20000)) && MAXCONN=20000
 
-for port in $BACKEND_PORT $PORTICO_PORT $PORTICO_ADMIN_PORT $PORTICO_TLS_PORT $PORTICO_TLS_ADMIN_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
+for port in $BACKEND_PORT $PORTICO_PORT $PORTICO_ADMIN_PORT $PORTICO_TLS_PORT $PORTICO_TLS_ADMIN_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT \
+    $BARE_TLS_PORT $NGINX128_TLS_PORT; do
     port_free "$port" || die "port $port is already in use (a previous run still going?)"
 done
 
@@ -509,6 +522,13 @@ cp "$PORTICO_SRC" "$WORK/portico"
 PORTICO_BIN=$WORK/portico
 PORTICO_SHA=$(sha256sum "$PORTICO_BIN" | cut -c1-16)
 log "measuring a copy of $PORTICO_SRC (modified $PORTICO_MTIME, sha256 $PORTICO_SHA…)"
+if [[ -x $BARE_BIN ]]; then
+    cp "$BARE_BIN" "$WORK/bare-pingora"
+    BARE_BIN=$WORK/bare-pingora
+else
+    log "no bare-pingora at $BARE_BIN: the HTTP/2 comparison runs without it"
+    BARE_BIN=
+fi
 
 bash "$ROOT/certs/gen.sh" "$WORK/certs" >/dev/null
 CERT=$WORK/certs/localhost.crt
@@ -527,7 +547,9 @@ COMMON=(WORK="$WORK" NOFILE="$NOFILE" MAXCONN="$MAXCONN" BACKEND_PORT="$BACKEND_
 render "$SCN/backend-nginx.conf" "$WORK/backend-nginx.conf" "${COMMON[@]}" BODY="$BODY" JSON2K="@file:$WORK/json2k.json"
 render "$SCN/portico-http.yaml" "$WORK/portico-http.yaml" "${COMMON[@]}"
 render "$SCN/portico-tls.yaml" "$WORK/portico-tls.yaml" "${COMMON[@]}"
-render "$SCN/tls-nginx.conf" "$WORK/tls-nginx.conf" "${COMMON[@]}"
+render "$SCN/tls-nginx.conf" "$WORK/tls-nginx.conf" "${COMMON[@]}" NGINX_KEEPALIVE="$UPSTREAM_POOL"
+render "$SCN/tls-nginx.conf" "$WORK/tls-nginx-ka128.conf" "${COMMON[@]/#NGINX_TLS_PORT=*/NGINX_TLS_PORT=$NGINX128_TLS_PORT}" \
+    NGINX_KEEPALIVE=128
 render "$SCN/tls-haproxy.cfg" "$WORK/tls-haproxy.cfg" "${COMMON[@]}"
 BENCH_JWT_SECRET=$JWT_SECRET "$PORTICO_BIN" check -c "$WORK/portico-http.yaml" >&2 || die "portico-http.yaml does not load"
 "$PORTICO_BIN" check -c "$WORK/portico-tls.yaml" >&2 || die "portico-tls.yaml does not load"
@@ -567,10 +589,19 @@ mapfile -t BACKEND_PIDS < <(pid_tree "$BACKEND_PID")
 
 # Scenario 1: one proxy after the other (order rotated each round).
 scenario_tls() {
-    local names=(portico nginx haproxy) n=3 k name port
+    # bare-pingora and nginx-ka128 take part in the HTTP/2 test only.
+    local names=(portico nginx haproxy nginx-ka128) n k name port
+    [[ -n $BARE_BIN ]] && names+=(bare-pingora)
+    n=${#names[@]}
     for ((k = 0; k < n; k++)); do
         name=${names[$(((k + ROUND - 1) % n))]}
-        case $name in portico) port=$PORTICO_TLS_PORT ;; nginx) port=$NGINX_TLS_PORT ;; haproxy) port=$HAPROXY_TLS_PORT ;; esac
+        case $name in
+            portico) port=$PORTICO_TLS_PORT ;;
+            nginx) port=$NGINX_TLS_PORT ;;
+            haproxy) port=$HAPROXY_TLS_PORT ;;
+            nginx-ka128) port=$NGINX128_TLS_PORT ;;
+            bare-pingora) port=$BARE_TLS_PORT ;;
+        esac
         wait_turn
         log "== tls: $name (round $ROUND) =="
         start_proxy "$name"
@@ -583,7 +614,7 @@ scenario_tls() {
         local proto
         proto=$(curl -sk --http2 -o /dev/null -w '%{http_version}' "https://127.0.0.1:$port/")
         [[ $proto == 2 ]] || log "tls/$name: warning: curl negotiated HTTP/$proto, not h2"
-        retry test_stime "$name" "$port"
+        case $name in portico | nginx | haproxy) retry test_stime "$name" "$port" ;; esac
         retry test_h2 "$name" "$port"
         stop "$PROXY_PID" "$STOP_SIG"
         PROXY_NAME=none

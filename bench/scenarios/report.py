@@ -248,13 +248,16 @@ def report(results_path, meta_path, outdir):
                   "clients in parallel on core 1, no session reuse, ECDSA P-256 certificate from certs/gen.sh, "
                   "TLS 1.3 negotiated); HTTP/2: `h2load -n "
                   f"{meta.get('params', {}).get('h2_requests', '?')} -c 10 -m 100` over TLS with ALPN h2, "
-                  "proxied to the backend (HTTP/1.1 keep-alive).")
+                  "proxied to the backend (HTTP/1.1 keep-alive). nginx, Portico and bare-pingora keep up to "
+                  "1,024 idle upstream connections; nginx-ka128 is nginx with `keepalive 128` (Pingora's default pool "
+                  "size), which with 1,000 streams in flight opens a new upstream connection for about every other "
+                  "request. bare-pingora and nginx-ka128 take part in the HTTP/2 test only.")
         md.append("")
         md.append("| proxy | handshakes/s | spread | proxy CPU | handshakes/s per proxy core | CPU µs/handshake | core 1 busy "
                   "| h2 req/s | spread | proxy CPU | h2 req/s per proxy core | CPU µs/req |")
         md.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         s1 = {}
-        for p in ("portico", "nginx", "haproxy"):
+        for p in ("portico", "nginx", "haproxy", "nginx-ka128", "bare-pingora"):
             hs, c1 = res.pick("tls", p, "handshake")
             h2, c2 = res.pick("tls", p, "h2")
             if not hs and not h2:
@@ -309,6 +312,18 @@ def report(results_path, meta_path, outdir):
                 checks.append(("h2 req/s per proxy core, Portico ÷ haproxy (no target; for reference)",
                                ratio(s1["portico"]["h2_per_core"], s1["haproxy"]["h2_per_core"]),
                                round_ratios(res, "tls", "h2", "portico", "haproxy", pcore), None, True))
+            if "nginx-ka128" in s1:
+                checks.append(("h2 req/s per proxy core, Portico ÷ nginx with keepalive 128 (no target; for reference)",
+                               ratio(s1["portico"]["h2_per_core"], s1["nginx-ka128"]["h2_per_core"]),
+                               round_ratios(res, "tls", "h2", "portico", "nginx-ka128", pcore), None, True))
+            if "bare-pingora" in s1:
+                checks.append(("h2 req/s per proxy core, Portico ÷ bare Pingora (no target; Portico's own share)",
+                               ratio(s1["portico"]["h2_per_core"], s1["bare-pingora"]["h2_per_core"]),
+                               round_ratios(res, "tls", "h2", "portico", "bare-pingora", pcore), None, True))
+                checks.append(("h2 req/s per proxy core, bare Pingora ÷ nginx (no target; Pingora's share)",
+                               ratio(s1["bare-pingora"]["h2_per_core"], s1["nginx"]["h2_per_core"])
+                               if "nginx" in s1 else None,
+                               round_ratios(res, "tls", "h2", "bare-pingora", "nginx", pcore), None, True))
         md.extend(check_table(checks))
         summary["tls"] = {"proxies": s1, "checks": checks_json(checks)}
 

@@ -984,7 +984,11 @@ impl ProxyHttp for Proxy {
                     headers: &session.req_header().headers,
                     claims: claims.as_ref(),
                 };
-                let answer = crate::aggregate::execute(agg, env, Arc::clone(&self.gw)).await;
+                // Boxed, as are the other rare paths below: inline, their state would be
+                // part of every request's `request_filter` future (about 10 KB copied per
+                // request when the future is created).
+                let answer =
+                    Box::pin(crate::aggregate::execute(agg, env, Arc::clone(&self.gw))).await;
                 ctx.own_status = Some(answer.status);
                 ctx.aggregate_calls = answer.calls;
                 let ct = (
@@ -1004,14 +1008,20 @@ impl ProxyHttp for Proxy {
                     Some(p) => path.strip_prefix(p.as_str()).unwrap_or(&path).to_string(),
                     None => path.clone(),
                 };
-                let status =
-                    static_files::serve(session, dir, index, &rel, &ctx.request_id).await?;
+                let status = Box::pin(static_files::serve(
+                    session,
+                    dir,
+                    index,
+                    &rel,
+                    &ctx.request_id,
+                ))
+                .await?;
                 ctx.own_status = Some(status);
                 return Ok(true);
             }
         }
         let mut picked = self.pick(ctx, session);
-        if matches!(picked, Pick::NoEndpoint) && self.wait_for_scale_up(ctx).await {
+        if matches!(picked, Pick::NoEndpoint) && Box::pin(self.wait_for_scale_up(ctx)).await {
             picked = self.pick(ctx, session);
         }
         match picked {
@@ -1061,7 +1071,7 @@ impl ProxyHttp for Proxy {
                     .get(http::header::CONTENT_LENGTH)
                     .is_none_or(|v| v.as_bytes() == b"0");
             if idempotent && bodiless && !session.is_upgrade_req() {
-                return self.hedged(session, ctx, delay, max).await;
+                return Box::pin(self.hedged(session, ctx, delay, max)).await;
             }
         }
         // The request is routed and an endpoint is ready: invite the body now, as the

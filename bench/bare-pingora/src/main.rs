@@ -3,14 +3,20 @@
 //! forwards every request, unchanged, to a single plaintext HTTP/1.1 upstream
 //! through `ProxyHttp::upstream_peer`; every other hook keeps Pingora's default,
 //! and the server runs with Pingora's default configuration (1 worker thread,
-//! upstream keep-alive pool of 128) unless `--threads N` is given.
+//! upstream keep-alive pool of 128) unless `--threads N` or `--keepalive-pool N` is
+//! given. With `--tls CERT KEY` the listener terminates TLS (Pingora's
+//! Mozilla-intermediate OpenSSL settings) and offers HTTP/2 by ALPN with Pingora's
+//! default HTTP/2 options: the reference for Portico's HTTP/2 path in
+//! `bench/scenarios.sh`.
 //!
-//! Usage: `bare-pingora --listen 127.0.0.1:8081 --upstream 127.0.0.1:8000 [--threads N]`
+//! Usage: `bare-pingora --listen 127.0.0.1:8081 --upstream 127.0.0.1:8000 [--threads N]
+//! [--keepalive-pool N] [--tls CERT KEY]`
 
 use std::net::SocketAddr;
 use std::process::exit;
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
@@ -38,18 +44,35 @@ struct Args {
     listen: String,
     upstream: SocketAddr,
     threads: Option<usize>,
+    /// Idle upstream connections kept (Pingora's `upstream_keepalive_pool_size`).
+    keepalive_pool: Option<usize>,
+    /// Certificate and key files: TLS with HTTP/2 (ALPN h2, http/1.1).
+    tls: Option<(String, String)>,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("bare-pingora: {msg}");
-    eprintln!("usage: bare-pingora --listen ADDR:PORT --upstream ADDR:PORT [--threads N]");
+    eprintln!(
+        "usage: bare-pingora --listen ADDR:PORT --upstream ADDR:PORT [--threads N] [--keepalive-pool N] [--tls CERT KEY]"
+    );
     exit(2);
+}
+
+/// The value of `flag`, parsed, or exit with a usage message.
+fn parsed<T: std::str::FromStr>(flag: &str, v: String) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse::<T>()
+        .unwrap_or_else(|e| usage(&format!("bad {flag} {v}: {e}")))
 }
 
 fn parse_args() -> Args {
     let mut listen = None;
     let mut upstream = None;
     let mut threads = None;
+    let mut tls = None;
+    let mut keepalive_pool = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -58,21 +81,13 @@ fn parse_args() -> Args {
         };
         match flag.as_str() {
             "--listen" => listen = Some(value()),
-            "--upstream" => {
-                let v = value();
-                upstream = Some(
-                    v.parse::<SocketAddr>()
-                        .unwrap_or_else(|e| usage(&format!("bad --upstream {v}: {e}"))),
-                );
-            }
-            "--threads" => {
-                let v = value();
-                threads = Some(
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .unwrap_or_else(|| usage(&format!("bad --threads {v}"))),
-                );
+            "--upstream" => upstream = Some(parsed::<SocketAddr>(&flag, value())),
+            "--threads" => threads = Some(parsed::<usize>(&flag, value()).max(1)),
+            "--keepalive-pool" => keepalive_pool = Some(parsed::<usize>(&flag, value())),
+            "--tls" => {
+                let cert = value();
+                let key = value();
+                tls = Some((cert, key));
             }
             "-h" | "--help" => usage("help"),
             other => usage(&format!("unknown argument {other}")),
@@ -82,6 +97,8 @@ fn parse_args() -> Args {
         listen: listen.unwrap_or_else(|| usage("--listen is required")),
         upstream: upstream.unwrap_or_else(|| usage("--upstream is required")),
         threads,
+        keepalive_pool,
+        tls,
     }
 }
 
@@ -92,6 +109,9 @@ fn main() {
     if let Some(n) = args.threads {
         conf.threads = n;
     }
+    if let Some(n) = args.keepalive_pool {
+        conf.upstream_keepalive_pool_size = n;
+    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -101,7 +121,15 @@ fn main() {
             upstream: args.upstream,
         },
     );
-    proxy.add_tcp(&args.listen);
+    match &args.tls {
+        Some((cert, key)) => {
+            let mut tls = TlsSettings::intermediate(cert, key)
+                .unwrap_or_else(|e| usage(&format!("bad --tls {cert} {key}: {e}")));
+            tls.enable_h2();
+            proxy.add_tls_with_settings(&args.listen, None, tls);
+        }
+        None => proxy.add_tcp(&args.listen),
+    }
     server.add_service(proxy);
     server.run_forever();
 }
