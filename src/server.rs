@@ -383,7 +383,6 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
             first_header,
-            seen: std::sync::Mutex::new(std::collections::HashSet::new()),
         };
         let mut listeners = pingora::listeners::Listeners::new();
         listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline(

@@ -37,10 +37,6 @@ pub struct Edge<A> {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS HTTP/1 connections still waiting for their first request header.
     pub first_header: Arc<FirstHeaderWatch>,
-    /// Plain connections (by socket) whose first request was already checked: Pingora
-    /// hands a kept-alive connection back for each request, and only the first one is
-    /// read here (later ones wait with the keep-alive timeout, inside Pingora).
-    pub seen: std::sync::Mutex<std::collections::HashSet<i32>>,
 }
 
 /// Connections (by socket) that must deliver a first request header before a deadline.
@@ -235,17 +231,6 @@ async fn first_header(
 }
 
 impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
-    fn forget(&self, fd: i32) {
-        if let Ok(mut s) = self.seen.lock() {
-            s.remove(&fd);
-        }
-    }
-
-    /// Whether this is the first request of the connection on `fd` (and remembers it).
-    fn first_time(&self, fd: i32) -> bool {
-        self.seen.lock().map(|mut s| s.insert(fd)).unwrap_or(false)
-    }
-
     /// Serves a plain HTTP/1 connection request by request. Between two requests the
     /// connection waits here, in a small future, for the first byte of the next one;
     /// Pingora's per-request state (its session, the proxy's request future) exists
@@ -309,20 +294,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
             _ = shutdown.changed() => None,
         }
     }
-
-    /// Hands the connection to Pingora; forgets it when Pingora is done with it.
-    async fn pass(
-        self: &Arc<Self>,
-        stream: Stream,
-        fd: i32,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let r = self.inner.process_new(stream, shutdown).await;
-        if r.is_none() {
-            self.forget(fd);
-        }
-        r
-    }
 }
 
 #[async_trait]
@@ -348,9 +319,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                 return self.inner.process_new(stream, shutdown).await;
             }
             let fd = stream.id();
-            if !self.first_time(fd) {
-                return self.pass(stream, fd, shutdown).await;
-            }
             // TLS HTTP/1: the first header must arrive within the header timeout.
             let gen = self.first_header.arm(fd);
             let watch = Arc::clone(&self.first_header);
@@ -365,36 +333,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                     }
                 }
             });
-            let r = self.pass(stream, fd, shutdown).await;
+            let r = self.inner.process_new(stream, shutdown).await;
             self.first_header.take(fd, Some(gen));
             timer.abort();
             return r;
         }
-        let fd = stream.id();
-        if !self.first_time(fd) {
-            return self.pass(stream, fd, shutdown).await;
-        }
         let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
-            self.forget(fd);
             return None; // checked above
         };
         let mut buf = Vec::with_capacity(1024);
         match Box::pin(first_header(&mut l4, &self.limits, &mut buf)).await {
             Ok(()) if buf.starts_with(b"PRI ") => {
                 l4.rewind(&buf);
-                self.pass(l4, fd, shutdown).await
+                self.inner.process_new(l4, shutdown).await
             }
             Ok(()) => {
                 l4.rewind(&buf);
                 drop(buf);
-                let r = self.serve_h1(l4, shutdown).await;
-                self.forget(fd);
-                r
+                self.serve_h1(l4, shutdown).await
             }
-            Err(Refusal::Close) => {
-                self.forget(fd);
-                None
-            }
+            Err(Refusal::Close) => None,
             Err(Refusal::Status(status, code, msg)) => {
                 let id = format!("{:032x}", rand::random::<u128>());
                 let body = super::respond::error_body(code, msg, &id);
@@ -414,7 +372,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                     .requests
                     .with_label_values(&["", "OTHER", &status.to_string()])
                     .inc();
-                self.forget(fd);
                 None
             }
         }

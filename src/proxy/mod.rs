@@ -1671,22 +1671,17 @@ impl ProxyHttp for Proxy {
             l.push_str(&crate::gateway::now_rfc3339());
             l.push_str("\",\"request_id\":");
             crate::accesslog::json_str(&mut l, &ctx.request_id);
-            l.push_str(",\"client\":\"");
-            if let Some(a) = session.client_addr() {
-                // An address's text form (IP and port, or a socket path without
-                // quotes or controls in practice) is escaped like any other field.
-                match a.as_inet() {
+            l.push_str(",\"client\":");
+            match session.client_addr() {
+                // IP:port needs no escaping; write it without an intermediate String.
+                Some(a) => match a.as_inet() {
                     Some(inet) => {
-                        let _ = write!(l, "{inet}");
+                        let _ = write!(l, "\"{inet}\"");
                     }
-                    None => {
-                        let mut q = String::new();
-                        crate::accesslog::json_str(&mut q, &a.to_string());
-                        l.push_str(q.trim_matches('"'));
-                    }
-                }
+                    None => crate::accesslog::json_str(&mut l, &a.to_string()),
+                },
+                None => l.push_str("\"\""),
             }
-            l.push('"');
             l.push_str(",\"method\":");
             crate::accesslog::json_str(&mut l, req.method.as_str());
             l.push_str(",\"host\":");
