@@ -171,9 +171,33 @@ impl Source {
                 KeySet::parse(&text).map_err(|e| format!("{}: {e}", p.display()))
             }
             Source::Url(u) => {
-                let body = http_get(u, FETCH_TIMEOUT)?;
-                let text = String::from_utf8(body).map_err(|_| "JWKS is not UTF-8".to_string())?;
-                KeySet::parse(&text).map_err(|e| format!("{}: {e}", u.raw))
+                // A GET is idempotent: one quick second attempt rides over a dropped
+                // connection or a garbled answer, since a failed unknown-kid refetch
+                // otherwise waits `jwks_min_refetch` before the next.
+                match Self::fetch_url(u) {
+                    Ok(set) => Ok(set),
+                    Err(e) => {
+                        log::debug!("jwks: {e}; retrying once");
+                        std::thread::sleep(Duration::from_millis(50));
+                        Self::fetch_url(u)
+                    }
+                }
+            }
+        }
+    }
+
+    fn fetch_url(u: &Url) -> Result<KeySet, String> {
+        let body = http_get(u, FETCH_TIMEOUT)?;
+        let text = String::from_utf8(body).map_err(|_| format!("{}: JWKS is not UTF-8", u.raw))?;
+        match KeySet::parse(&text) {
+            Ok(set) => Ok(set),
+            Err(e) => {
+                let start: String = text.chars().take(48).collect();
+                Err(format!(
+                    "{}: {e} ({} bytes, starting {start:?})",
+                    u.raw,
+                    text.len()
+                ))
             }
         }
     }
