@@ -282,18 +282,89 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
             return None;
         }
         let mut shutdown = shutdown.clone();
-        let mut byte = [0u8; 1];
         tokio::select! {
-            r = tokio::time::timeout(self.limits.keepalive, l4.read(&mut byte)) => match r {
-                Ok(Ok(1)) => {
-                    l4.rewind(&byte);
-                    Some(l4)
-                }
+            r = tokio::time::timeout(self.limits.keepalive, NextBytes(&mut l4)) => match r {
+                Ok(true) => Some(l4),
                 _ => None,
             },
             _ = shutdown.changed() => None,
         }
     }
+}
+
+thread_local! {
+    /// Scratch space for [`NextBytes`]: used only inside one synchronous poll, so one
+    /// buffer per thread serves every idle connection.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; 4096].into_boxed_slice());
+}
+
+/// Waits until a kept-alive connection has bytes, reads what is there (up to 4 KiB,
+/// usually the whole next request) and puts it back in front of the stream for
+/// Pingora: `true` when bytes came, `false` at end of stream or on an error. The bytes
+/// land in a per-thread scratch buffer, so a waiting connection holds no buffer, and
+/// the request is read with one `read` call instead of a one-byte read and another.
+struct NextBytes<'a>(&'a mut L4Stream);
+
+impl std::future::Future for NextBytes<'_> {
+    type Output = bool;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<bool> {
+        let l4 = &mut *self.0;
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => poll_rewind(l4, cx, &mut scratch[..]),
+            // Not reachable (no poll inside a poll); a byte's worth does it too.
+            Err(_) => poll_rewind(l4, cx, &mut [0u8; 1]),
+        })
+    }
+}
+
+/// Polls one read into `buf` and puts what came back in front of `l4`.
+fn poll_rewind(
+    l4: &mut L4Stream,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut [u8],
+) -> std::task::Poll<bool> {
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+    let mut rb = ReadBuf::new(buf);
+    match std::pin::Pin::new(&mut *l4).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+            l4.rewind(rb.filled());
+            Poll::Ready(true)
+        }
+        Poll::Ready(_) => Poll::Ready(false),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+thread_local! {
+    static TICKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Keeps a one-second ticker on the calling thread's runtime. Tokio wakes its driver
+/// through an eventfd (a `write` and one more `epoll_wait`) whenever a new timer is due
+/// before the driver's next planned wakeup, and with nothing else scheduled that is
+/// every connection's keep-alive and header timer: two syscalls per request. With a
+/// timer always due within a second, those timers (seconds away) never move the
+/// wakeup earlier.
+fn keep_timer_wheel_ahead() {
+    TICKING.with(|t| {
+        if t.get() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        t.set(true);
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+            }
+        });
+    });
 }
 
 #[async_trait]
@@ -303,6 +374,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        keep_timer_wheel_ahead();
         let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let _guard = OpenGuard(&self.open);
         if n > self.limits.max_connections {
