@@ -94,6 +94,14 @@ pub fn static_registry(cfg: &Config) -> Arc<Registry> {
 
 /// RFC 3339 UTC time of now (the date part is computed once a second per thread).
 pub fn now_rfc3339() -> String {
+    let mut s = String::with_capacity(24);
+    push_now_rfc3339(&mut s);
+    s
+}
+
+/// Appends the RFC 3339 UTC time of now, with milliseconds, to `out`: the part up to
+/// the seconds is formatted once a second per thread, the rest without `fmt`.
+pub fn push_now_rfc3339(out: &mut String) {
     use std::cell::RefCell;
     thread_local! {
         static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
@@ -115,8 +123,14 @@ pub fn now_rfc3339() -> String {
             );
             l.0 = secs;
         }
-        format!("{}.{:03}Z", l.1, now.subsec_millis())
-    })
+        out.push_str(&l.1);
+    });
+    let ms = now.subsec_millis();
+    out.push('.');
+    for digit in [ms / 100, (ms / 10) % 10, ms % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
+    out.push('Z');
 }
 
 /// Howard Hinnant's days-to-civil conversion.
@@ -370,5 +384,34 @@ mod tests {
     fn rfc3339_dates() {
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));
         assert_eq!(super::civil_from_days(20_000), (2024, 10, 4));
+    }
+
+    #[test]
+    fn rfc3339_now_has_the_access_log_shape() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let t = super::now_rfc3339();
+        // 2026-11-27T05:15:28.111Z
+        assert_eq!(t.len(), 24, "{t}");
+        let b = t.as_bytes();
+        for (i, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (23, b'Z'),
+        ] {
+            assert_eq!(b[i], c, "{t}");
+        }
+        assert!(t[20..23].bytes().all(|c| c.is_ascii_digit()), "{t}");
+        let (y, _, _) = super::civil_from_days((before / 86400) as i64);
+        assert!(
+            t.starts_with(&y.to_string()) || t.starts_with(&(y + 1).to_string()),
+            "{t}"
+        );
     }
 }

@@ -1668,7 +1668,7 @@ impl ProxyHttp for Proxy {
             use std::fmt::Write;
             let mut l = String::with_capacity(384);
             l.push_str("{\"time\":\"");
-            l.push_str(&crate::gateway::now_rfc3339());
+            crate::gateway::push_now_rfc3339(&mut l);
             l.push_str("\",\"request_id\":");
             crate::accesslog::json_str(&mut l, &ctx.request_id);
             l.push_str(",\"client\":");
