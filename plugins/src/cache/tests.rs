@@ -1,3 +1,6 @@
+//! Unit tests of the cache plugin: keys, freshness, variants, purges, bounded memory,
+//! the stampede lock and stale-while-revalidate, driven through the plugin hooks.
+
 use super::*;
 use crate::testutil::*;
 
