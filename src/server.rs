@@ -343,6 +343,7 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
             }
         };
         let first_header = Arc::new(crate::proxy::edge::FirstHeaderWatch::default());
+        let handshakes = Arc::new(crate::proxy::edge::HandshakeWatch::default());
         let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             Proxy {
@@ -383,11 +384,13 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
             first_header,
+            handshakes: Arc::clone(&handshakes),
         };
         let mut listeners = pingora::listeners::Listeners::new();
-        listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline(
-            cfg.server.header_timeout.0,
-        )));
+        listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline {
+            timeout: cfg.server.header_timeout.0,
+            handshakes,
+        }));
         let mut proxy = pingora::services::listening::Service::with_listeners(
             format!("portico {}", l.name),
             listeners,

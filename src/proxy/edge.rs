@@ -37,6 +37,62 @@ pub struct Edge<A> {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS HTTP/1 connections still waiting for their first request header.
     pub first_header: Arc<FirstHeaderWatch>,
+    /// TLS handshakes under way (armed by [`HelloDeadline`], disarmed here).
+    pub handshakes: Arc<HandshakeWatch>,
+}
+
+/// TLS handshakes that must complete before a deadline. [`HelloDeadline`] arms an
+/// entry when the ClientHello is in, with a duplicate of the socket's descriptor; the
+/// edge disarms it when Pingora hands over the finished connection; a timer shuts the
+/// socket down through the duplicate if it is still armed at the deadline. Going
+/// through the duplicate means the timer can only ever reach that connection's
+/// socket, even when Pingora has closed the original descriptor after a failed
+/// handshake and the number was reused.
+#[derive(Default)]
+pub struct HandshakeWatch {
+    pending: std::sync::Mutex<std::collections::HashMap<i32, (u64, i32)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl HandshakeWatch {
+    /// Arms `fd` with its duplicate `dup`; an entry left by an earlier socket with the
+    /// same number (its handshake failed) gives its duplicate back.
+    fn arm(&self, fd: i32, dup: i32) -> u64 {
+        let g = self.next.fetch_add(1, Ordering::Relaxed);
+        let old = match self.pending.lock() {
+            Ok(mut p) => p.insert(fd, (g, dup)),
+            Err(_) => Some((g, dup)),
+        };
+        if let Some((_, old_dup)) = old {
+            close_fd(old_dup);
+        }
+        g
+    }
+
+    /// Removes `fd` (any generation when `gen` is None) and returns its duplicate.
+    fn take(&self, fd: i32, gen: Option<u64>) -> Option<i32> {
+        let mut p = self.pending.lock().ok()?;
+        let hit = p.get(&fd).is_some_and(|(g, _)| gen.is_none_or(|x| x == *g));
+        if hit {
+            p.remove(&fd).map(|(_, dup)| dup)
+        } else {
+            None
+        }
+    }
+
+    /// The handshake on `fd` finished and Pingora handed the connection over.
+    fn done(&self, fd: i32) {
+        if let Some(dup) = self.take(fd, None) {
+            close_fd(dup);
+        }
+    }
+}
+
+fn close_fd(fd: i32) {
+    // SAFETY: `fd` is a duplicate this module made and owns; it is closed once.
+    unsafe {
+        libc::close(fd);
+    }
 }
 
 /// Connections (by socket) that must deliver a first request header before a deadline.
@@ -383,6 +439,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         }
         let plain = stream.get_ssl_digest().is_none() && stream.as_any().is::<L4Stream>();
         if !plain {
+            self.handshakes.done(stream.id());
             let h2 = matches!(
                 stream.selected_alpn_proto(),
                 Some(pingora::protocols::ALPN::H2)
@@ -455,13 +512,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
 }
 
 /// Before a TLS handshake: the ClientHello must arrive within the header timeout, so
-/// connections that never start (or trickle) a handshake are closed, not held.
-pub struct HelloDeadline(pub Duration);
+/// connections that never start (or trickle) a handshake are closed, not held; and the
+/// rest of the handshake must be done by the same deadline (a client that stops after
+/// its ClientHello is shut down then, not after Pingora's fixed 60 s).
+pub struct HelloDeadline {
+    pub timeout: Duration,
+    pub handshakes: Arc<HandshakeWatch>,
+}
 
 #[async_trait]
 impl pingora::listeners::PreTlsProcess for HelloDeadline {
     async fn process(&self, s: &mut L4Stream) -> pingora::Result<()> {
-        let deadline = Instant::now() + self.0;
+        let deadline = Instant::now() + self.timeout;
         let mut buf: Vec<u8> = Vec::with_capacity(512);
         let mut chunk = [0u8; 2048];
         loop {
@@ -494,7 +556,35 @@ impl pingora::listeners::PreTlsProcess for HelloDeadline {
             }
         }
         s.rewind(&buf);
+        self.watch_handshake(s, deadline);
         Ok(())
+    }
+}
+
+impl HelloDeadline {
+    /// Arms the handshake deadline for the socket of `s`.
+    fn watch_handshake(&self, s: &L4Stream, deadline: Instant) {
+        use std::os::fd::AsRawFd;
+        let fd = s.as_raw_fd();
+        // SAFETY: duplicating a descriptor this connection owns; the duplicate is
+        // owned by the watch and closed exactly once (`done`, the timer, or `arm`).
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return;
+        }
+        let gen = self.handshakes.arm(fd, dup);
+        let watch = Arc::clone(&self.handshakes);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            if let Some(dup) = watch.take(fd, Some(gen)) {
+                // SAFETY: `dup` refers to this connection's socket only (see
+                // `HandshakeWatch`); shutdown(2) makes the pending handshake fail.
+                unsafe {
+                    libc::shutdown(dup, libc::SHUT_RDWR);
+                }
+                close_fd(dup);
+            }
+        });
     }
 }
 

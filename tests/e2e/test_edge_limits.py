@@ -3,8 +3,9 @@
 * Slowloris: 500 connections each sending one header byte per second are closed (with a
   408) at `server.header_timeout` (3 s), while a steady client opening a new connection per
   request keeps getting answers within 100 ms. The attacker runs in its own process so the
-  measuring client does not share its interpreter. The same is asked of a TLS listener and
-  of an h2c listener (a partial HTTP/2 preface).
+  measuring client does not share its interpreter. The same is asked of a TLS listener
+  (slow header, no ClientHello, or a handshake stalled after the ClientHello) and of an
+  h2c listener (a partial HTTP/2 preface).
 * 414 for a 10 KiB request line, 431 for 100 headers over `max_headers` and for a header
   block over `max_header_bytes`; requests just under the limits pass; nothing refused is
   forwarded.
@@ -44,9 +45,19 @@ ATTACKER = textwrap.dedent(r'''
             s = ctx.wrap_socket(s, server_hostname="localhost")
         elif mode == "h2c":
             s.sendall(b"PRI * HTTP/2.0\r\n")
+        elif mode == "midhandshake":
+            # A real ClientHello, then silence: the server answers and waits for the
+            # client's Finished, which never comes.
+            bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = ctx.wrap_bio(bio_in, bio_out, server_hostname="localhost")
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            s.sendall(bio_out.read())
         s.setblocking(False)
         conns.append({"s": s, "opened": time.monotonic(), "closed": None, "sent": 0, "got": b"", "how": None})
-    if mode == "nohandshake":
+    if mode in ("nohandshake", "midhandshake"):
         for c in conns:
             c["sent"] = -1
     print(json.dumps({"event": "opened", "t": time.monotonic()}), flush=True)
@@ -59,7 +70,7 @@ ATTACKER = textwrap.dedent(r'''
         now = time.monotonic()
         if now >= next_send:
             for c in live:
-                if mode in ("nohandshake", "h2c"):
+                if mode in ("nohandshake", "midhandshake", "h2c"):
                     continue
                 try:
                     if c["sent"] < len(msg):
@@ -216,7 +227,7 @@ def _slowloris_other_listener(procs, tmp_path, mode: str, n: int):
     pki = PKI(tmp_path / "pki").standard()
     port = free_port()
     listener = {"name": mode, "bind": f"127.0.0.1:{port}"}
-    if mode in ("tls", "nohandshake"):
+    if mode in ("tls", "nohandshake", "midhandshake"):
         listener["tls"] = {"certificates": [cert_pair(pki.localhost)]}
     else:
         listener["http2"] = True
@@ -244,6 +255,11 @@ def test_slowloris_on_tls_listener(procs, tmp_path):
 def test_tls_connections_that_never_handshake_are_closed(procs, tmp_path):
     """TCP connected to a TLS listener, no ClientHello ever."""
     _slowloris_other_listener(procs, tmp_path, "nohandshake", 50)
+
+
+def test_tls_handshakes_that_stall_after_the_client_hello_are_closed(procs, tmp_path):
+    """A ClientHello, the server's answer, and then no client Finished."""
+    _slowloris_other_listener(procs, tmp_path, "midhandshake", 50)
 
 
 def test_h2c_partial_preface_is_closed(procs, tmp_path):
