@@ -7,7 +7,7 @@
 //! go straight through; Pingora's own limits and timeouts apply after the first header.
 
 use async_trait::async_trait;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
@@ -302,33 +302,47 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
         let mut persisted: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            let mut session = ServerSession::new_http1(stream);
-            match persisted.take() {
-                Some(p) => p.apply_to_session(&mut session),
-                None if first => {
-                    // What Pingora sets on a new connection (the proxy refines it per request).
-                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-                    session.set_keepalive_reuses_remaining(
-                        self.inner
-                            .server_options()
-                            .and_then(|o| o.keepalive_request_limit),
-                    );
-                }
-                None => {}
-            }
+            // The session is built and handed over in a plain function: kept as a local
+            // here, its ~0.7 KB would stay in the state of every idle connection.
+            let request = self.start_request(stream, persisted.take(), first, shutdown);
             first = false;
-            let (s, p) = self
-                .inner
-                .process_new_http(session, shutdown)
-                .await?
-                .consume();
+            let (s, p) = request.await?.consume();
             persisted = p;
             stream = self.next_request(s, shutdown).await?;
         }
     }
 
-    /// Waits for the first byte of the next request on a kept-alive connection, and
-    /// gives the connection back with that byte unread; `None` closes it.
+    /// Pingora's handling of one request on `stream`, with the connection's settings.
+    fn start_request<'a>(
+        self: &'a Arc<Self>,
+        stream: Stream,
+        persisted: Option<HttpPersistentSettings>,
+        first: bool,
+        shutdown: &'a ShutdownWatch,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<ReusedHttpStream>> + Send + 'a>>
+    {
+        let mut session = ServerSession::new_http1(stream);
+        match persisted {
+            Some(p) => p.apply_to_session(&mut session),
+            None if first => {
+                // What Pingora sets on a new connection (the proxy refines it per request).
+                session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                session.set_keepalive_reuses_remaining(
+                    self.inner
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                );
+            }
+            None => {}
+        }
+        self.inner.process_new_http(session, shutdown)
+    }
+
+    /// Waits for the next request on a kept-alive connection and gives the connection
+    /// back with the bytes that came unread; `None` closes it. The keep-alive deadline
+    /// is Pingora's coarse timer (the one it uses for its own idle reads): a tokio
+    /// timer is a cache-padded entry in every idle connection's state and a wheel
+    /// insertion per request.
     async fn next_request(&self, s: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let mut l4 = match s.into_any().downcast::<L4Stream>() {
             Ok(l4) => l4,
@@ -339,7 +353,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
         }
         let mut shutdown = shutdown.clone();
         tokio::select! {
-            r = tokio::time::timeout(self.limits.keepalive, NextBytes(&mut l4)) => match r {
+            r = pingora::time::fast_timeout::fast_timeout(self.limits.keepalive, NextBytes(&mut l4)) => match r {
                 Ok(true) => Some(l4),
                 _ => None,
             },
@@ -404,9 +418,9 @@ thread_local! {
 /// Keeps a one-second ticker on the calling thread's runtime. Tokio wakes its driver
 /// through an eventfd (a `write` and one more `epoll_wait`) whenever a new timer is due
 /// before the driver's next planned wakeup, and with nothing else scheduled that is
-/// every connection's keep-alive and header timer: two syscalls per request. With a
-/// timer always due within a second, those timers (seconds away) never move the
-/// wakeup earlier.
+/// every new connection's header timer (and was every request's keep-alive timer
+/// before those moved to Pingora's timer). With a timer always due within a second,
+/// those timers (seconds away) never move the wakeup earlier.
 fn keep_timer_wheel_ahead() {
     TICKING.with(|t| {
         if t.get() || tokio::runtime::Handle::try_current().is_err() {

@@ -425,3 +425,40 @@ def _read_response(s: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def test_idle_keepalive_connections_close_at_keepalive_timeout(procs):
+    """A kept-alive client connection that stays idle is closed at
+    `server.keepalive_timeout`; one that keeps sending requests within it stays open."""
+    gw = procs.gateway({"server": {"keepalive_timeout": "2s"}, "routes": [PING_ROUTE]})
+    req = b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    def answer(s: socket.socket) -> bytes:
+        got = b""
+        while not got.endswith(b"pong"):
+            chunk = s.recv(4096)
+            assert chunk, f"closed before the answer: {got!r}"
+            got += chunk
+        return got
+
+    idle = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    busy = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    for s in (idle, busy):
+        s.sendall(req)
+        assert answer(s).startswith(b"HTTP/1.1 200")
+    start = time.monotonic()
+    # The busy one asks again every 0.5 s for 4 s, twice the timeout.
+    while time.monotonic() - start < 4.0:
+        time.sleep(0.5)
+        busy.sendall(req)
+        assert answer(busy).startswith(b"HTTP/1.1 200"), "an active connection was closed"
+    idle.settimeout(2.0)
+    try:
+        data = idle.recv(4096)
+    except ConnectionResetError:
+        data = b""
+    closed_after = time.monotonic() - start
+    assert data == b"", f"idle connection still open after {closed_after:.1f}s (keepalive_timeout 2s): {data!r}"
+    idle.close()
+    busy.close()
+    assert gw.alive()
