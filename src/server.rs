@@ -132,7 +132,6 @@ fn mark_ready_when_bound(gw: Arc<Gateway>, addrs: Vec<String>) {
     });
 }
 
-/// Runs the gateway with `path`; returns the exit code.
 /// Forwards the `tracing` events of dependencies (the Kubernetes client logs through
 /// `tracing`) to `log`, and turns their spans off where they are declared. Without a
 /// subscriber, `tracing` (whose `log` feature the Kubernetes client turns on) checks
@@ -235,6 +234,7 @@ impl tracing::field::Visit for EventText<'_> {
     }
 }
 
+/// Runs the gateway with `path`; returns the exit code.
 pub fn run(path: PathBuf, upgrade: bool) -> i32 {
     run_with(path, upgrade, None)
 }
@@ -342,13 +342,12 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
                 return 1;
             }
         };
-        let first_header = Arc::new(crate::proxy::edge::FirstHeaderWatch::default());
-        let handshakes = Arc::new(crate::proxy::edge::HandshakeWatch::default());
+        let deadlines = Arc::new(crate::proxy::edge::SocketDeadlines::default());
         let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             Proxy {
                 gw: Arc::clone(&gw),
-                first_header: Arc::clone(&first_header),
+                deadlines: Arc::clone(&deadlines),
                 edge: Arc::new(edge),
                 keepalive_secs: cfg.server.keepalive_timeout.0.as_secs().max(1),
             },
@@ -383,13 +382,12 @@ pub fn run_with(path: PathBuf, upgrade: bool, manifests: Option<PathBuf>) -> i32
             },
             open: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&gw.metrics),
-            first_header,
-            handshakes: Arc::clone(&handshakes),
+            deadlines: Arc::clone(&deadlines),
         };
         let mut listeners = pingora::listeners::Listeners::new();
         listeners.set_pre_tls_callback(Arc::new(crate::proxy::edge::HelloDeadline {
             timeout: cfg.server.header_timeout.0,
-            handshakes,
+            deadlines,
         }));
         let mut proxy = pingora::services::listening::Service::with_listeners(
             format!("portico {}", l.name),

@@ -15,9 +15,10 @@
 //! Cost: a zlib-ng deflate stream is a ~330 KB allocation, so gzip and deflate streams
 //! are kept in a small per-thread pool and reset (`deflateReset`) for the next
 //! response instead of being made afresh; zstd contexts are pooled the same way
-//! (a session reset keeps their tables). brotli encoders are still made per response. The default gzip/deflate level is 1, as
-//! nginx's: on a 2 KiB JSON answer level 6 costs about three times as much CPU as
-//! level 1 for output about a quarter smaller (see the `compression_bench` test).
+//! (a session reset keeps their tables). brotli encoders are still made per response.
+//! The default gzip/deflate level is 1, as nginx's: on a 2 KiB JSON answer level 6
+//! costs about three times as much CPU as level 1 for output about a quarter smaller
+//! (see the `compression_bench` test).
 
 use crate::units::Size;
 use crate::{add_vary, BodyFilter, Context, Factory, Plugin, ResponseView};
@@ -438,6 +439,14 @@ fn pool_put<K: 'static, T: 'static>(pool: &'static Pool<K, T>, key: K, item: T) 
     });
 }
 
+/// Grows `out` (doubling, at least 1 KiB) when fewer than 64 bytes are free: a
+/// compressor writes into the spare capacity.
+fn make_room(out: &mut Vec<u8>) {
+    if out.capacity() - out.len() < 64 {
+        out.reserve(out.capacity().max(1024));
+    }
+}
+
 /// A zstd compression context taken from (and given back to, on drop) a per-thread
 /// pool. A reused context keeps its tables: zstd resets a session without clearing
 /// them, where a new one allocates and initialises them for every response.
@@ -475,9 +484,7 @@ impl ZstdStream {
         out.reserve(input.len() / 2 + 64);
         let mut inb = InBuffer::around(input);
         loop {
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(1024));
-            }
+            make_room(out);
             let pos = out.len();
             let mut outb = OutBuffer::around_pos(out, pos);
             if inb.pos() < input.len() {
@@ -549,9 +556,7 @@ impl DeflateStream {
         out.reserve(input.len() / 2 + 64);
         let finish = matches!(flush, flate2::FlushCompress::Finish);
         loop {
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(1024));
-            }
+            make_room(out);
             let (in0, out0) = (c.total_in(), c.total_out());
             let status = c
                 .compress_vec(input, out, flush)

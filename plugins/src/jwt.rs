@@ -127,10 +127,9 @@ enum TokenFrom {
 
 /// The `jwt` plugin instance.
 pub struct Jwt {
-    algorithms: Vec<Algorithm>,
     keys: Keys,
-    /// One validation (leeway, iss, aud, required spec claims) per accepted algorithm,
-    /// each pinned to its algorithm: built once, so a request clones no sets of strings.
+    /// The accepted algorithms, each with its validation (leeway, iss, aud, required
+    /// spec claims) pinned to it: built once, so a request clones no sets of strings.
     validations: Vec<(Algorithm, Validation)>,
     required: Vec<String>,
     forward: Vec<(String, http::HeaderName)>,
@@ -340,7 +339,6 @@ impl Jwt {
             })
             .collect();
         Ok(Jwt {
-            algorithms,
             keys,
             validations,
             required: s.required_claims,
@@ -389,9 +387,12 @@ impl Jwt {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("malformed token header: {}", describe(e.kind())))?;
         let alg = header.alg;
-        if !self.algorithms.contains(&alg) {
-            return Err(format!("algorithm {alg:?} is not accepted"));
-        }
+        let validation = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("algorithm {alg:?} is not accepted"))?;
         let fam = family(alg);
         let held;
         let key: &DecodingKey = match &self.keys {
@@ -416,13 +417,7 @@ impl Jwt {
                 &held.key
             }
         };
-        let v = self
-            .validations
-            .iter()
-            .find(|(a, _)| *a == alg)
-            .map(|(_, v)| v)
-            .ok_or_else(|| format!("algorithm {alg:?} is not accepted"))?;
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, v)
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
             .map_err(|e| describe(e.kind()))?;
         let claims = data.claims;
         let obj = claims

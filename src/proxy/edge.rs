@@ -35,57 +35,8 @@ pub struct Edge<A> {
     pub limits: EdgeLimits,
     pub open: AtomicUsize,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// TLS HTTP/1 connections still waiting for their first request header.
-    pub first_header: Arc<FirstHeaderWatch>,
-    /// TLS handshakes under way (armed by [`HelloDeadline`], disarmed here).
-    pub handshakes: Arc<HandshakeWatch>,
-}
-
-/// TLS handshakes that must complete before a deadline. [`HelloDeadline`] arms an
-/// entry when the ClientHello is in, with a duplicate of the socket's descriptor; the
-/// edge disarms it when Pingora hands over the finished connection; a timer shuts the
-/// socket down through the duplicate if it is still armed at the deadline. Going
-/// through the duplicate means the timer can only ever reach that connection's
-/// socket, even when Pingora has closed the original descriptor after a failed
-/// handshake and the number was reused.
-#[derive(Default)]
-pub struct HandshakeWatch {
-    pending: std::sync::Mutex<std::collections::HashMap<i32, (u64, i32)>>,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl HandshakeWatch {
-    /// Arms `fd` with its duplicate `dup`; an entry left by an earlier socket with the
-    /// same number (its handshake failed) gives its duplicate back.
-    fn arm(&self, fd: i32, dup: i32) -> u64 {
-        let g = self.next.fetch_add(1, Ordering::Relaxed);
-        let old = match self.pending.lock() {
-            Ok(mut p) => p.insert(fd, (g, dup)),
-            Err(_) => Some((g, dup)),
-        };
-        if let Some((_, old_dup)) = old {
-            close_fd(old_dup);
-        }
-        g
-    }
-
-    /// Removes `fd` (any generation when `gen` is None) and returns its duplicate.
-    fn take(&self, fd: i32, gen: Option<u64>) -> Option<i32> {
-        let mut p = self.pending.lock().ok()?;
-        let hit = p.get(&fd).is_some_and(|(g, _)| gen.is_none_or(|x| x == *g));
-        if hit {
-            p.remove(&fd).map(|(_, dup)| dup)
-        } else {
-            None
-        }
-    }
-
-    /// The handshake on `fd` finished and Pingora handed the connection over.
-    fn done(&self, fd: i32) {
-        if let Some(dup) = self.take(fd, None) {
-            close_fd(dup);
-        }
-    }
+    /// TLS handshakes and first request headers under way (see [`SocketDeadlines`]).
+    pub deadlines: Arc<SocketDeadlines>,
 }
 
 fn close_fd(fd: i32) {
@@ -95,45 +46,94 @@ fn close_fd(fd: i32) {
     }
 }
 
-/// Connections (by socket) that must deliver a first request header before a deadline.
-/// The edge arms an entry when a TLS HTTP/1 connection starts (the header is read
-/// inside Pingora, behind TLS, so the edge cannot read it itself); the proxy disarms it
-/// when the header arrived; a timer shuts the socket down if it is still armed.
+/// Sockets that must get somewhere before a deadline: through the TLS handshake (armed
+/// by [`HelloDeadline`] when the ClientHello is in, disarmed when Pingora hands the
+/// finished connection to the edge) and, on a TLS HTTP/1 connection, to a complete
+/// first request header (armed by the edge, disarmed by the proxy: the header is read
+/// inside Pingora, behind TLS, so the edge cannot read it itself). A timer shuts the
+/// socket down if its entry is still armed at the deadline. An entry may carry a
+/// duplicate of the descriptor, and the timer then goes through it: after a failed
+/// handshake Pingora closes the descriptor and its number may be reused before the
+/// deadline, while the duplicate reaches that connection's socket only.
 #[derive(Default)]
-pub struct FirstHeaderWatch {
-    pending: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
+pub struct SocketDeadlines {
+    pending: std::sync::Mutex<std::collections::HashMap<i32, Armed>>,
     armed: AtomicUsize,
     next: std::sync::atomic::AtomicU64,
 }
 
-impl FirstHeaderWatch {
-    fn arm(&self, fd: i32) -> u64 {
-        let g = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(fd, g);
-            self.armed.store(p.len(), Ordering::Relaxed);
+#[derive(Clone, Copy)]
+struct Armed {
+    gen: u64,
+    dup: Option<i32>,
+}
+
+impl SocketDeadlines {
+    /// Arms `fd` until `at` (shutting it down through `dup` when given); returns the
+    /// entry's generation and its timer, which the caller may abort once disarmed.
+    fn arm(
+        self: &Arc<Self>,
+        fd: i32,
+        dup: Option<i32>,
+        at: Instant,
+    ) -> (u64, tokio::task::JoinHandle<()>) {
+        let gen = self.next.fetch_add(1, Ordering::Relaxed);
+        let old = match self.pending.lock() {
+            Ok(mut p) => {
+                let old = p.insert(fd, Armed { gen, dup });
+                self.armed.store(p.len(), Ordering::Relaxed);
+                old
+            }
+            Err(_) => None,
+        };
+        // An entry left by an earlier socket with this number (its handshake failed).
+        if let Some(Armed { dup: Some(d), .. }) = old {
+            close_fd(d);
         }
-        g
+        let watch = Arc::clone(self);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            if let Some(a) = watch.take(fd, Some(gen)) {
+                // SAFETY: an entry without a duplicate belongs to a connection its
+                // owner keeps open until it disarms the entry; a duplicate refers to
+                // this connection's socket only. shutdown(2) makes the pending read or
+                // handshake fail.
+                unsafe {
+                    libc::shutdown(a.dup.unwrap_or(fd), libc::SHUT_RDWR);
+                }
+                if let Some(d) = a.dup {
+                    close_fd(d);
+                }
+            }
+        });
+        (gen, timer)
     }
 
-    /// Removes `fd` (any generation when `gen` is None); true if it was armed.
-    fn take(&self, fd: i32, gen: Option<u64>) -> bool {
-        let Ok(mut p) = self.pending.lock() else {
-            return false;
-        };
-        let hit = p.get(&fd).is_some_and(|g| gen.is_none_or(|x| x == *g));
-        if hit {
-            p.remove(&fd);
-            self.armed.store(p.len(), Ordering::Relaxed);
+    /// Removes `fd`'s entry (of generation `gen`, or any when None).
+    fn take(&self, fd: i32, gen: Option<u64>) -> Option<Armed> {
+        let mut p = self.pending.lock().ok()?;
+        let a = *p.get(&fd)?;
+        if gen.is_some_and(|g| g != a.gen) {
+            return None;
         }
-        hit
+        p.remove(&fd);
+        self.armed.store(p.len(), Ordering::Relaxed);
+        Some(a)
+    }
+
+    /// Disarms `fd` (the entry of `gen`, or any when None) and closes its duplicate.
+    fn disarm(&self, fd: i32, gen: Option<u64>) {
+        if self.armed.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if let Some(Armed { dup: Some(d), .. }) = self.take(fd, gen) {
+            close_fd(d);
+        }
     }
 
     /// The first request header of the connection on `fd` arrived.
     pub fn header_arrived(&self, fd: i32) {
-        if self.armed.load(Ordering::Relaxed) > 0 {
-            self.take(fd, None);
-        }
+        self.disarm(fd, None);
     }
 }
 
@@ -453,7 +453,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         }
         let plain = stream.get_ssl_digest().is_none() && stream.as_any().is::<L4Stream>();
         if !plain {
-            self.handshakes.done(stream.id());
+            // The handshake is done.
+            self.deadlines.disarm(stream.id(), None);
             let h2 = matches!(
                 stream.selected_alpn_proto(),
                 Some(pingora::protocols::ALPN::H2)
@@ -463,21 +464,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             }
             let fd = stream.id();
             // TLS HTTP/1: the first header must arrive within the header timeout.
-            let gen = self.first_header.arm(fd);
-            let watch = Arc::clone(&self.first_header);
-            let limit = self.limits.header_timeout;
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
-                if watch.take(fd, Some(gen)) {
-                    // SAFETY: the socket still belongs to this connection (the entry of
-                    // its generation was armed); shutdown(2) makes Pingora's read fail.
-                    unsafe {
-                        libc::shutdown(fd, libc::SHUT_RDWR);
-                    }
-                }
-            });
+            let at = Instant::now() + self.limits.header_timeout;
+            let (gen, timer) = self.deadlines.arm(fd, None, at);
             let r = self.inner.process_new(stream, shutdown).await;
-            self.first_header.take(fd, Some(gen));
+            self.deadlines.disarm(fd, Some(gen));
             timer.abort();
             return r;
         }
@@ -531,7 +521,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
 /// its ClientHello is shut down then, not after Pingora's fixed 60 s).
 pub struct HelloDeadline {
     pub timeout: Duration,
-    pub handshakes: Arc<HandshakeWatch>,
+    pub deadlines: Arc<SocketDeadlines>,
 }
 
 #[async_trait]
@@ -581,24 +571,12 @@ impl HelloDeadline {
         use std::os::fd::AsRawFd;
         let fd = s.as_raw_fd();
         // SAFETY: duplicating a descriptor this connection owns; the duplicate is
-        // owned by the watch and closed exactly once (`done`, the timer, or `arm`).
+        // owned by the entry and closed exactly once (`disarm`, the timer, or `arm`).
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             return;
         }
-        let gen = self.handshakes.arm(fd, dup);
-        let watch = Arc::clone(&self.handshakes);
-        tokio::spawn(async move {
-            tokio::time::sleep_until(deadline.into()).await;
-            if let Some(dup) = watch.take(fd, Some(gen)) {
-                // SAFETY: `dup` refers to this connection's socket only (see
-                // `HandshakeWatch`); shutdown(2) makes the pending handshake fail.
-                unsafe {
-                    libc::shutdown(dup, libc::SHUT_RDWR);
-                }
-                close_fd(dup);
-            }
-        });
+        self.deadlines.arm(fd, Some(dup), deadline);
     }
 }
 

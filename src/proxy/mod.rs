@@ -128,7 +128,7 @@ impl pingora::modules::http::HttpModuleBuilder for HstsBuilder {
 pub struct Proxy {
     pub gw: Arc<Gateway>,
     /// Disarmed when a TLS connection's first header arrives (see edge.rs).
-    pub first_header: Arc<edge::FirstHeaderWatch>,
+    pub deadlines: Arc<edge::SocketDeadlines>,
     pub edge: Arc<ListenerRt>,
     /// Idle keep-alive timeout for client connections, in seconds.
     pub keepalive_secs: u64,
@@ -703,7 +703,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if self.edge.scheme == "https" {
             if let Some(s) = session.as_downstream().stream() {
-                self.first_header.header_arrived(s.id());
+                self.deadlines.header_arrived(s.id());
             }
         }
         let snap = Arc::clone(&ctx.snap);

@@ -447,11 +447,22 @@ def test_idle_keepalive_connections_close_at_keepalive_timeout(procs):
         s.sendall(req)
         assert answer(s).startswith(b"HTTP/1.1 200")
     start = time.monotonic()
+    checked_early = False
     # The busy one asks again every 0.5 s for 4 s, twice the timeout.
     while time.monotonic() - start < 4.0:
         time.sleep(0.5)
         busy.sendall(req)
         assert answer(busy).startswith(b"HTTP/1.1 200"), "an active connection was closed"
+        if not checked_early and time.monotonic() - start >= 1.0:
+            # Half the timeout: the idle one must still be open (nothing to read yet).
+            checked_early = True
+            idle.setblocking(False)
+            try:
+                early = idle.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                early = None
+            idle.setblocking(True)
+            assert early is None, f"idle connection closed after {time.monotonic() - start:.1f}s, before keepalive_timeout 2s"
     idle.settimeout(2.0)
     try:
         data = idle.recv(4096)
