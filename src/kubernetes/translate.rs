@@ -148,39 +148,20 @@ fn claim_of(r: &Route) -> (String, String) {
     )
 }
 
-/// A fast hasher for the translation's own indexes, rebuilt on every translation
-/// (SipHash's resistance to chosen keys buys nothing there: the keys are object names
-/// the cluster already accepted, and the maps live for one translation).
-#[derive(Default)]
-struct Fx(u64);
-
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+/// A map with a fast hasher for the translation's own indexes, rebuilt on every
+/// translation: the keys are object names the cluster already accepted.
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 /// The Services and their ready endpoints, indexed once per translation.
 struct Backends<'a> {
     state: &'a ClusterState,
     /// (namespace, service name) -> its EndpointSlices.
-    slices: FxMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    slices: FastMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
     /// The Services `resolve` looked at since the last `take_touched`.
     touched: RefCell<Vec<Key>>,
     /// (namespace, service name) -> `service_version`, for every Service and every
     /// service name an EndpointSlice carries.
-    versions: FxMap<(&'a str, &'a str), Option<u64>>,
+    versions: FastMap<(&'a str, &'a str), Option<u64>>,
 }
 
 /// A version of everything `Backends::resolve` reads for one Service: the Service (or
@@ -208,8 +189,8 @@ enum Resolved {
 
 impl<'a> Backends<'a> {
     fn new(state: &'a ClusterState) -> Backends<'a> {
-        let mut slices: FxMap<(&str, &str), Vec<&EndpointSlice>> =
-            FxMap::with_capacity_and_hasher(state.services.len(), Default::default());
+        let mut slices: FastMap<(&str, &str), Vec<&EndpointSlice>> =
+            FastMap::with_capacity_and_hasher(state.services.len(), Default::default());
         for ((ns, _), s) in &state.endpoint_slices {
             if let Some(svc) = s
                 .metadata
@@ -224,7 +205,7 @@ impl<'a> Backends<'a> {
             }
         }
         let mut versions =
-            FxMap::with_capacity_and_hasher(state.services.len(), Default::default());
+            FastMap::with_capacity_and_hasher(state.services.len(), Default::default());
         for ((ns, name), svc) in &state.services {
             let k = (ns.as_str(), name.as_str());
             let v = service_version(Some(svc), slices.get(&k).map_or(&[], Vec::as_slice));
@@ -560,10 +541,10 @@ impl Translator {
                 .sum(),
         );
         // (host, path) -> owner; the same for the default backend and TLS hosts.
-        let mut claimed: FxMap<(&str, &str), &str> =
-            FxMap::with_capacity_and_hasher(routes.capacity(), Default::default());
+        let mut claimed: FastMap<(&str, &str), &str> =
+            FastMap::with_capacity_and_hasher(routes.capacity(), Default::default());
         let mut default_claimed: Option<&str> = None;
-        let mut tls_claimed: FxMap<&str, (&str, &str)> = FxMap::default();
+        let mut tls_claimed: FastMap<&str, (&str, &str)> = FastMap::default();
         for (key, ing) in &ingresses {
             let (ns, name) = key;
             let reject = |reason: String| Rejected {
