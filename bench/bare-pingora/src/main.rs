@@ -82,7 +82,10 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--listen" => listen = Some(value()),
             "--upstream" => upstream = Some(parsed::<SocketAddr>(&flag, value())),
-            "--threads" => threads = Some(parsed::<usize>(&flag, value()).max(1)),
+            "--threads" => match parsed::<usize>(&flag, value()) {
+                0 => usage("bad --threads 0: at least 1"),
+                n => threads = Some(n),
+            },
             "--keepalive-pool" => keepalive_pool = Some(parsed::<usize>(&flag, value())),
             "--tls" => {
                 let cert = value();
