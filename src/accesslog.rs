@@ -52,16 +52,22 @@ impl AccessLog {
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || loop {
-                let batch = {
-                    let g = s.buf.lock().unwrap_or_else(|e| e.into_inner());
-                    let (mut g, _) = s
-                        .wake
-                        .wait_timeout(g, Duration::from_millis(50))
-                        .unwrap_or_else(|e| e.into_inner());
-                    std::mem::take(&mut *g)
-                };
-                write_out(&s, &batch);
+            .spawn(move || {
+                // Two buffers take turns, so the request threads always append into
+                // one that already has its capacity.
+                let mut batch = Vec::with_capacity(64 * 1024);
+                loop {
+                    {
+                        let g = s.buf.lock().unwrap_or_else(|e| e.into_inner());
+                        let (mut g, _) = s
+                            .wake
+                            .wait_timeout(g, Duration::from_millis(50))
+                            .unwrap_or_else(|e| e.into_inner());
+                        std::mem::swap(&mut *g, &mut batch);
+                    }
+                    write_out(&s, &batch);
+                    batch.clear();
+                }
             })?;
         Ok(AccessLog {
             shared: Some(shared),
@@ -111,6 +117,11 @@ fn write_out(s: &Shared, batch: &[u8]) {
 pub fn json_str(out: &mut String, s: &str) {
     out.push('"');
     let b = s.as_bytes();
+    if b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
         let esc: &str = match c {

@@ -5,6 +5,7 @@
 //! forwarding rules and the route's edits; `logging` records metrics and the access log.
 
 pub mod edge;
+pub mod forward;
 pub mod hedge;
 pub mod respond;
 pub mod static_files;
@@ -197,7 +198,6 @@ fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
 }
 
-/// 32 hex characters of randomness.
 /// A fast thread-local random u64 (xorshift; ids, not secrets).
 fn rand64() -> u64 {
     use std::cell::Cell;
@@ -214,42 +214,54 @@ fn rand64() -> u64 {
     })
 }
 
+/// 32 hex characters of randomness.
 fn new_id() -> String {
-    format!("{:016x}{:016x}", rand64(), rand64())
+    let mut b = [0u8; 32];
+    put_hex(&mut b[..16], rand64());
+    put_hex(&mut b[16..], rand64());
+    // Only hex digits were written.
+    std::str::from_utf8(&b).unwrap_or_default().to_owned()
+}
+
+/// Writes `v` as 16 lower-case hex digits into `out[..16]`.
+fn put_hex(out: &mut [u8], v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, o) in out.iter_mut().take(16).enumerate() {
+        *o = HEX[((v >> (60 - 4 * i)) & 15) as usize];
+    }
 }
 
 /// W3C traceparent: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, not all zero.
 fn valid_traceparent(v: &[u8]) -> bool {
-    let s = match std::str::from_utf8(v) {
-        Ok(s) => s,
-        Err(_) => return false,
-    };
-    let parts: Vec<&str> = s.split('-').collect();
-    let hex = |p: &str, n: usize| {
+    let hex = |p: &[u8], n: usize| {
         p.len() == n
-            && p.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && p.iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
     };
-    parts.len() >= 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
-        && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2)
-        && (parts[0] != "00" || parts.len() == 4)
+    let nonzero = |p: &[u8]| p.iter().any(|&b| b != b'0');
+    let mut parts = v.split(|&b| b == b'-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let more = parts.next().is_some();
+    hex(version, 2)
+        && version != b"ff"
+        && hex(trace, 32)
+        && nonzero(trace)
+        && hex(parent, 16)
+        && nonzero(parent)
+        && hex(flags, 2)
+        && (version != b"00" || !more)
 }
 
 fn new_traceparent() -> Option<http::HeaderValue> {
     // `00-<32 hex trace id>-<16 hex span id>-01`, ids never all zero.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    for (at, v) in [(3, rand64()), (19, rand64() | 1), (36, rand64() | 1)] {
-        for i in 0..16 {
-            b[at + i] = HEX[((v >> (60 - 4 * i)) & 15) as usize];
-        }
-    }
+    put_hex(&mut b[3..19], rand64());
+    put_hex(&mut b[19..35], rand64() | 1);
+    put_hex(&mut b[36..52], rand64() | 1);
     // Only hex digits and dashes: always a valid value.
     http::HeaderValue::from_bytes(&b).ok()
 }
@@ -564,13 +576,9 @@ impl Proxy {
         up.budget.withdraw()
     }
 
-    fn count_try(&self, ctx: &mut Ctx, outcome: &str) {
+    fn count_try(&self, ctx: &mut Ctx, outcome: &'static str) {
         if let (Some(up), Some(ep)) = (&ctx.upstream, &ctx.last_endpoint) {
-            self.gw
-                .metrics
-                .upstream_requests
-                .with_label_values(&[&up.name, &ep.label, outcome])
-                .inc();
+            count_upstream_try(&self.gw.metrics, &up.name, &ep.label, outcome);
         }
     }
 
@@ -1358,103 +1366,69 @@ impl ProxyHttp for Proxy {
                 req.set_uri(uri);
             }
         }
-        // Forwarding headers. What a client says about earlier hops is kept only when
-        // that client is a trusted proxy; anyone else could forge it.
+        // The header edits, on the plain `http` map (see `forward`).
+        let mut plain = forward::Plain::take(req);
+        let h = &mut plain.parts.headers;
+        h.reserve(8);
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let trusted = peer.is_some_and(|p| ctx.snap.trusted_proxies.iter().any(|n| n.contains(&p)));
-        let peer_ip = peer.map(|p| p.to_string()).unwrap_or_default();
-        let prev_xff = if trusted {
-            req.headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ")
-        } else {
-            String::new()
-        };
-        let xff = if prev_xff.is_empty() {
-            peer_ip.clone()
-        } else {
-            format!("{prev_xff}, {peer_ip}")
-        };
-        req.insert_header("x-forwarded-for", xff)?;
-        req.insert_header("x-forwarded-proto", self.edge.scheme)?;
-        let orig_host = session
-            .req_header()
-            .headers
-            .get(http::header::HOST)
-            .cloned()
-            .or_else(|| {
-                session
-                    .req_header()
+        let down = session.req_header();
+        let authority;
+        let host = match down.headers.get(http::header::HOST) {
+            Some(h) => Some(h),
+            None => {
+                authority = down
                     .uri
                     .authority()
-                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-            });
-        if let Some(h) = &orig_host {
-            req.insert_header("x-forwarded-host", h.clone())?;
-        }
-        let for_part = if peer_ip.contains(':') {
-            format!("\"[{peer_ip}]\"")
-        } else {
-            peer_ip.clone()
-        };
-        let mut fwd = format!("for={for_part};proto={}", self.edge.scheme);
-        if let Some(h) = orig_host.as_ref().and_then(|h| h.to_str().ok()) {
-            if h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-            {
-                fwd.push_str(";host=");
-                fwd.push_str(h);
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+                authority.as_ref()
             }
-        }
-        let prev_fwd = session
-            .req_header()
-            .headers
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok());
-        let fwd = match prev_fwd {
-            Some(prev) if trusted => format!("{prev}, {fwd}"),
-            _ => fwd,
         };
-        req.insert_header("forwarded", fwd)?;
-        req.insert_header("x-request-id", ctx.request_id.as_str())?;
-        // Only the gateway says who a client certificate belongs to.
-        for h in &self.edge.strip_headers {
-            req.remove_header(h);
+        forward::set_forwarding(
+            h,
+            &forward::Hop {
+                peer,
+                trusted: peer
+                    .is_some_and(|p| ctx.snap.trusted_proxies.iter().any(|n| n.contains(&p))),
+                scheme: self.edge.scheme,
+                host,
+            },
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+            h.insert(forward::X_REQUEST_ID.clone(), v);
         }
-        if let Some(h) = &self.edge.subject_header {
+        // Only the gateway says who a client certificate belongs to.
+        for n in &self.edge.strip_headers {
+            h.remove(n);
+        }
+        if let Some(n) = &self.edge.subject_header {
             let subject = session
                 .digest()
                 .and_then(|d| d.ssl_digest.as_ref())
                 .and_then(|s| s.extension.get::<crate::tls::ClientCert>())
-                .map(|c| c.subject.clone());
-            if let Some(sub) = subject {
-                if let Ok(v) = http::HeaderValue::from_str(&sub) {
-                    req.insert_header(h.clone(), v)?;
-                }
+                .and_then(|c| http::HeaderValue::from_str(&c.subject).ok());
+            if let Some(v) = subject {
+                h.insert(n.clone(), v);
             }
         }
-        let tp_ok = req
-            .headers
-            .get("traceparent")
+        let tp_ok = h
+            .get(&forward::TRACEPARENT)
             .is_some_and(|v| valid_traceparent(v.as_bytes()));
         if !tp_ok {
-            req.remove_header("tracestate");
+            h.remove(&forward::TRACESTATE);
             if let Some(tp) = new_traceparent() {
-                req.insert_header("traceparent", tp)?;
+                h.insert(forward::TRACEPARENT.clone(), tp);
             }
         }
         for n in &route.request_headers.remove {
-            req.remove_header(n);
+            h.remove(n);
         }
         for (k, v) in &route.request_headers.set {
-            req.insert_header(k.clone(), v.clone())?;
+            h.insert(k.clone(), v.clone());
         }
+        plain.restore(req);
         Ok(())
     }
 
@@ -1477,8 +1451,8 @@ impl ProxyHttp for Proxy {
         for n in nominated {
             resp.remove_header(n.as_str());
         }
-        resp.remove_header("keep-alive");
-        resp.remove_header("proxy-connection");
+        resp.remove_header(&forward::KEEP_ALIVE);
+        resp.remove_header(&forward::PROXY_CONNECTION);
         if resp.status.is_informational() {
             return Ok(());
         }
@@ -1510,14 +1484,18 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let mut plain = forward::PlainResponse::take(resp);
+        let h = &mut plain.parts.headers;
+        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+            h.insert(forward::X_REQUEST_ID.clone(), v);
+        }
         if let (Some(route), Some(pctx)) = (ctx.route.clone(), ctx.plugin_ctx.as_mut()) {
             let mut edits = HeaderEdits::default();
             let req = session.req_header();
             for p in &route.plugins {
                 let mut view = ResponseView {
-                    status: resp.status.as_u16(),
-                    headers: &resp.headers,
+                    status: plain.parts.status.as_u16(),
+                    headers: &plain.parts.headers,
                     edits: &mut edits,
                     request_method: &req.method,
                     request_headers: &req.headers,
@@ -1526,27 +1504,30 @@ impl ProxyHttp for Proxy {
                     ctx.body_filters.push(f);
                 }
             }
+            let h = &mut plain.parts.headers;
             for n in &edits.remove {
-                resp.remove_header(n);
+                h.remove(n);
             }
             for (k, v) in edits.set {
-                resp.insert_header(k, v)?;
+                h.insert(k, v);
             }
             for (k, v) in edits.append {
-                resp.append_header(k, v)?;
+                h.append(k, v);
             }
             for (k, v) in &pctx.response_headers {
-                resp.insert_header(k.clone(), v.clone())?;
+                h.insert(k.clone(), v.clone());
             }
         }
         if let Some(route) = &ctx.route {
+            let h = &mut plain.parts.headers;
             for n in &route.response_headers.remove {
-                resp.remove_header(n);
+                h.remove(n);
             }
             for (k, v) in &route.response_headers.set {
-                resp.insert_header(k.clone(), v.clone())?;
+                h.insert(k.clone(), v.clone());
             }
         }
+        plain.restore(resp);
         Ok(())
     }
 
@@ -1675,6 +1656,13 @@ impl ProxyHttp for Proxy {
             match session.client_addr() {
                 // IP:port needs no escaping; write it without an intermediate String.
                 Some(a) => match a.as_inet() {
+                    Some(std::net::SocketAddr::V4(inet)) => {
+                        l.push('"');
+                        forward::push_ip(&mut l, IpAddr::V4(*inet.ip()));
+                        l.push(':');
+                        crate::accesslog::push_u64(&mut l, inet.port().into());
+                        l.push('"');
+                    }
                     Some(inet) => {
                         let _ = write!(l, "\"{inet}\"");
                     }
@@ -1742,34 +1730,60 @@ impl ProxyHttp for Proxy {
     }
 }
 
-/// `portico_requests_total` through a per-thread cache of counter handles, so the
-/// request path skips the registry's label hashing and lock. Keyed by the address of
-/// the route's name (checked against the name, so a reused address is harmless).
+/// `portico_requests_total` through [`inc_cached`].
 fn count_request(m: &crate::metrics::Metrics, route: &str, method: &'static str, status: u16) {
+    inc_cached(&m.requests, [route, method], status.into(), || {
+        status.to_string()
+    });
+}
+
+/// `portico_upstream_requests_total` through [`inc_cached`]; a `&'static str`'s
+/// address and length identify its text.
+fn count_upstream_try(m: &crate::metrics::Metrics, up: &str, ep: &str, outcome: &'static str) {
+    let key = outcome.as_ptr() as u64 ^ ((outcome.len() as u64) << 48);
+    inc_cached(&m.upstream_requests, [up, ep], key, || outcome.to_string());
+}
+
+/// Adds one to a counter of `vec` through a per-thread cache of handles, so the request path skips
+/// the registry's label hashing and lock. The labels are the two strings `names` and a
+/// third one, `render()`, which `last` must identify. The cache is keyed by the
+/// strings' addresses and checked against their text, so a reused address is
+/// harmless. Bounded: cleared at 10,000 entries.
+fn inc_cached(
+    vec: &prometheus::IntCounterVec,
+    names: [&str; 2],
+    last: u64,
+    render: impl FnOnce() -> String,
+) {
     use std::cell::RefCell;
     use std::collections::HashMap;
-    type Key = (usize, &'static str, u16);
+    type Key = (usize, usize, usize, u64);
+    type Entry = ([Box<str>; 2], prometheus::IntCounter);
     thread_local! {
-        static CACHE: RefCell<HashMap<Key, (Box<str>, prometheus::IntCounter)>> = RefCell::new(HashMap::new());
+        static CACHE: RefCell<HashMap<Key, Entry, ahash::RandomState>> =
+            RefCell::new(HashMap::default());
     }
-    let key = (route.as_ptr() as usize, method, status);
+    let key = (
+        vec as *const _ as usize,
+        names[0].as_ptr() as usize,
+        names[1].as_ptr() as usize,
+        last,
+    );
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if let Some((name, counter)) = c.get(&key) {
-            if &**name == route {
+        if let Some((n, counter)) = c.get(&key) {
+            if *n[0] == *names[0] && *n[1] == *names[1] {
                 counter.inc();
                 return;
             }
         }
-        let counter = m
-            .requests
-            .with_label_values(&[route, method, &status.to_string()]);
+        let counter = vec.with_label_values(&[names[0], names[1], &render()]);
         counter.inc();
         if c.len() >= 10_000 {
             c.clear();
         }
-        c.insert(key, (route.into(), counter));
-    });
+        c.insert(key, ([names[0].into(), names[1].into()], counter));
+    })
 }
 
 #[cfg(test)]
