@@ -432,6 +432,7 @@ fn keep_timer_wheel_ahead() {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                crate::release_freed_memory();
             }
         });
     });
