@@ -409,7 +409,10 @@ pub fn normalize_host(raw: &str) -> String {
 
 /// Removes `.` and `..` segments (RFC 3986 5.2.4) so `/a/../admin` routes as `/admin`.
 pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let needs = path.split('/').any(|s| s == "." || s == "..") || !path.starts_with('/');
+    // A `.` or `..` segment after the first starts right after a `/`: most paths have
+    // no "/." at all and are settled by that one scan.
+    let needs = !path.starts_with('/')
+        || (path.contains("/.") && path.split('/').any(|s| s == "." || s == ".."));
     if !needs {
         return std::borrow::Cow::Borrowed(path);
     }
@@ -457,6 +460,11 @@ mod tests {
         assert_eq!(normalize_path("/a/./b/"), "/a/b/");
         assert_eq!(normalize_path("/../../etc"), "/etc");
         assert_eq!(normalize_path("/plain/path"), "/plain/path");
+        assert_eq!(normalize_path("/a/.well-known/x"), "/a/.well-known/x");
+        assert_eq!(normalize_path("/a/..b"), "/a/..b");
+        assert_eq!(normalize_path("/a/."), "/a/");
+        assert_eq!(normalize_path("/a/b/.."), "/a/");
+        assert_eq!(normalize_path("a/../b"), "/b");
     }
 
     #[test]
