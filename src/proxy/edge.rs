@@ -415,13 +415,14 @@ thread_local! {
     static TICKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Keeps a one-second ticker on the calling thread's runtime. Tokio wakes its driver
-/// through an eventfd (a `write` and one more `epoll_wait`) whenever a new timer is due
-/// before the driver's next planned wakeup, and with nothing else scheduled that is
-/// every new connection's header timer (and was every request's keep-alive timer
-/// before those moved to Pingora's timer). With a timer always due within a second,
-/// those timers (seconds away) never move the wakeup earlier.
-fn keep_timer_wheel_ahead() {
+/// Keeps a one-second ticker on the calling worker thread's runtime, for two jobs.
+/// Timers: tokio wakes its driver through an eventfd (a `write` and one more
+/// `epoll_wait`) whenever a new timer is due before the driver's next planned wakeup,
+/// and with nothing else scheduled that is every new connection's header timer. With
+/// a timer always due within a second, those timers (seconds away) never move the
+/// wakeup earlier. Memory: each tick lets the allocator return this thread's
+/// long-freed pages (see `release_freed_memory` in main.rs).
+fn start_worker_ticker() {
     TICKING.with(|t| {
         if t.get() || tokio::runtime::Handle::try_current().is_err() {
             return;
@@ -445,7 +446,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        keep_timer_wheel_ahead();
+        start_worker_ticker();
         let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let _guard = OpenGuard(&self.open);
         if n > self.limits.max_connections {

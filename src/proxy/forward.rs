@@ -62,7 +62,8 @@ impl Plain {
 }
 
 /// The response head as plain `http` parts, for the response filter's edits, as
-/// [`Plain`] is for the request. The reason phrase is carried across. Names reach
+/// [`Plain`] is for the request. A reason phrase other than the status's canonical one
+/// is carried across (the canonical one is what Pingora writes anyway). Names reach
 /// the client in lower case (the well-known ones title-cased by Pingora), as they do
 /// over HTTP/2.
 pub struct PlainResponse {
@@ -72,7 +73,10 @@ pub struct PlainResponse {
 
 impl PlainResponse {
     pub fn take(resp: &mut ResponseHeader) -> PlainResponse {
-        let reason = resp.get_reason_phrase().map(Box::from);
+        let reason = resp
+            .get_reason_phrase()
+            .filter(|r| Some(*r) != resp.status.canonical_reason())
+            .map(Box::from);
         let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
         PlainResponse {
             parts: std::mem::replace(resp, empty).into(),
@@ -288,9 +292,20 @@ mod tests {
         // An absolute-form target is not what the URI gives back: it is carried over.
         let mut req =
             RequestHeader::build("GET", b"http://h.example/p?q", None).expect("a request");
-        let before = req.raw_path().to_vec();
+        assert_eq!(req.raw_path(), b"http://h.example/p?q");
         Plain::take(&mut req).restore(&mut req);
-        assert_eq!(req.raw_path(), &before[..]);
+        assert_eq!(req.raw_path(), b"http://h.example/p?q");
+    }
+
+    #[test]
+    fn plain_round_trip_keeps_the_http2_end_stream_flag() {
+        for eos in [false, true] {
+            let mut req = RequestHeader::build("POST", b"/grpc.S/M", None).expect("a request");
+            req.set_version(http::Version::HTTP_2);
+            req.set_send_end_stream(eos);
+            Plain::take(&mut req).restore(&mut req);
+            assert_eq!(req.send_end_stream(), Some(eos));
+        }
     }
 
     #[test]
@@ -309,5 +324,11 @@ mod tests {
         assert_eq!(resp.get_reason_phrase(), Some("Fine Indeed"));
         assert_eq!(resp.headers["x-up"], "1");
         assert_eq!(resp.headers["x-request-id"], "id");
+
+        let mut resp = ResponseHeader::build(404, None).expect("a response");
+        let plain = PlainResponse::take(&mut resp);
+        assert!(plain.reason.is_none(), "the canonical phrase is not copied");
+        plain.restore(&mut resp);
+        assert_eq!(resp.get_reason_phrase(), Some("Not Found"));
     }
 }

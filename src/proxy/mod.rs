@@ -1744,11 +1744,11 @@ fn count_upstream_try(m: &crate::metrics::Metrics, up: &str, ep: &str, outcome: 
     inc_cached(&m.upstream_requests, [up, ep], key, || outcome.to_string());
 }
 
-/// Adds one to a counter of `vec` through a per-thread cache of handles, so the request path skips
-/// the registry's label hashing and lock. The labels are the two strings `names` and a
-/// third one, `render()`, which `last` must identify. The cache is keyed by the
-/// strings' addresses and checked against their text, so a reused address is
-/// harmless. Bounded: cleared at 10,000 entries.
+/// Adds one to a counter of `vec` through a per-thread cache of handles, so the
+/// request path skips the registry's label hashing and lock. The labels are the two
+/// strings `names` and a third one, `render()`, which `last` must identify. The cache
+/// is keyed by the strings' addresses and checked against their text, so a reused
+/// address is harmless. Bounded: cleared at 10,000 entries.
 fn inc_cached(
     vec: &prometheus::IntCounterVec,
     names: [&str; 2],
